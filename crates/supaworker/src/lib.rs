@@ -1,1 +1,16 @@
+//! supaworker runs jobs from a Supabase `jobs` table.
+//!
+//! Layout, one module per runtime role:
+//! - [`config`]: environment and the action table, validated before anything connects;
+//! - [`actions`]: the action table and payload validation;
+//! - [`postgrest`]: the only code that builds REST requests (list, claim, flush, finish);
+//! - [`realtime`]: the Phoenix channel client that turns inserts into wake-up hints;
+//! - [`dispatch`]: dedupes hints, sweeps, holds the slots and claims;
+//! - [`job`]: one claimed job from first log line to final status;
+//! - [`runner`]: process groups, output and time-outs (never calls PostgREST);
+//! - [`rescue`]: finishes jobs left `running` by a worker that died;
+//! - [`shutdown`]: signals and the drain;
+//! - [`telemetry`]: logging setup.
 
+pub mod actions;
+pub mod config;

@@ -14,3 +14,6 @@
 
 pub mod actions;
 pub mod config;
+pub mod realtime;
+pub mod runner;
+pub mod postgrest;

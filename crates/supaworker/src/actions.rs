@@ -130,11 +130,19 @@ pub enum FieldKind {
 pub enum ArgSpec {
     Literal(String),
     /// `--opt=<value>` as a single argument.
-    Option { field: String, option: String },
+    Option {
+        field: String,
+        option: String,
+    },
     /// `--opt` when the boolean field is true.
-    Flag { field: String, flag: String },
+    Flag {
+        field: String,
+        flag: String,
+    },
     /// The value itself as a positional argument.
-    Positional { field: String },
+    Positional {
+        field: String,
+    },
 }
 
 /// A validated action.
@@ -256,7 +264,9 @@ fn validate_action(name: &str, raw: RawAction) -> Result<Action, String> {
         None => DEFAULT_TIMEOUT,
         Some(text) => {
             let timeout = humantime::parse_duration(&text).map_err(|e| {
-                format!("`timeout` {text:?} is invalid ({e}); write it like \"90s\", \"30m\" or \"4h\"")
+                format!(
+                    "`timeout` {text:?} is invalid ({e}); write it like \"90s\", \"30m\" or \"4h\""
+                )
             })?;
             if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
                 return Err(format!(
@@ -286,7 +296,9 @@ fn validate_action(name: &str, raw: RawAction) -> Result<Action, String> {
 fn validate_field_spec(field: &str, spec: &FieldSpec) -> Result<(), String> {
     if let (Some(min), Some(max)) = (spec.min, spec.max) {
         if min > max {
-            return Err(format!("field `{field}`: min {min} is greater than max {max}"));
+            return Err(format!(
+                "field `{field}`: min {min} is greater than max {max}"
+            ));
         }
     }
     if let Some(default) = &spec.default {
@@ -686,7 +698,14 @@ mod tests {
 
     #[test]
     fn file_name_rules() {
-        for bad in ["../secrets.csv", "/etc/passwd", "a/b.csv", "-rf", "..", "a\\b"] {
+        for bad in [
+            "../secrets.csv",
+            "/etc/passwd",
+            "a/b.csv",
+            "-rf",
+            "..",
+            "a\\b",
+        ] {
             let err = argv("run_cbc", json!({"addresses_csv_name": bad})).unwrap_err();
             assert!(
                 matches!(err, PayloadError::Invalid { ref field, .. } if field == "addresses_csv_name"),
@@ -713,7 +732,9 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("from 0 to 3600"), "{err}");
         let err = argv("send_campaign_dry_run", json!({"company_name": "A"})).unwrap_err();
-        assert!(matches!(err, PayloadError::Missing { ref field, .. } if field == "message_template"));
+        assert!(
+            matches!(err, PayloadError::Missing { ref field, .. } if field == "message_template")
+        );
         let err = argv("build_sms_list", json!({"include_unknown_phone_type": 1})).unwrap_err();
         assert!(err.to_string().contains("true or false"), "{err}");
         let err = argv("build_sms_list", json!([1, 2])).unwrap_err();
@@ -755,12 +776,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("field `f`"), "{err}");
-        let err =
-            ActionTable::parse("[actions.a]\nprogram = \"x\"\ntimeout = \"soon\"\n", "t.toml")
-                .unwrap_err();
+        let err = ActionTable::parse(
+            "[actions.a]\nprogram = \"x\"\ntimeout = \"soon\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("`timeout`"), "{err}");
-        let err = ActionTable::parse("[actions.a]\nprogram = \"x\"\ncolour = 1\n", "t.toml")
-            .unwrap_err();
+        let err =
+            ActionTable::parse("[actions.a]\nprogram = \"x\"\ncolour = 1\n", "t.toml").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let err = ActionTable::parse("", "t.toml").unwrap_err();
         assert!(matches!(err, TableError::Empty { .. }));

@@ -160,7 +160,14 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, Co
         Duration::from_secs(15),
         Duration::from_millis(100),
     );
-    let sweep_page_size = read_number(&get, &mut problem, "SUPAWORKER_SWEEP_PAGE_SIZE", 100, 1, 1000);
+    let sweep_page_size = read_number(
+        &get,
+        &mut problem,
+        "SUPAWORKER_SWEEP_PAGE_SIZE",
+        100,
+        1,
+        1000,
+    );
     let concurrency = read_number(&get, &mut problem, "SUPAWORKER_CONCURRENCY", 2, 1, 1024);
     let drain_period = read_duration(
         &get,
@@ -280,7 +287,9 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, Co
             Ok(table) => Some(table),
             Err(error) => {
                 let fix = match error {
-                    TableError::Syntax { .. } => "fix the file or unset the variable to use the built-in table",
+                    TableError::Syntax { .. } => {
+                        "fix the file or unset the variable to use the built-in table"
+                    }
                     _ => "fix the action definition",
                 };
                 problem("SUPAWORKER_ACTIONS_FILE", format!("{error}; {fix}"));
@@ -572,7 +581,10 @@ mod tests {
         ])
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("SUPABASE_URL: \"abcd.supabase.co\""), "{text}");
+        assert!(
+            text.contains("SUPABASE_URL: \"abcd.supabase.co\""),
+            "{text}"
+        );
         assert!(text.contains("SUPAWORKER_SWEEP_INTERVAL"), "{text}");
         assert!(text.contains("auto, json or text"), "{text}");
         assert!(text.contains("/nonexistent/dir"), "{text}");

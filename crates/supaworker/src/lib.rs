@@ -10,10 +10,17 @@
 //! - [`runner`]: process groups, output and time-outs (never calls PostgREST);
 //! - [`rescue`]: finishes jobs left `running` by a worker that died;
 //! - [`shutdown`]: signals and the drain;
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup;
+//! - [`worker`]: wires the roles together for `supaworker run`.
 
 pub mod actions;
 pub mod config;
-pub mod realtime;
-pub mod runner;
+pub mod dispatch;
+pub mod job;
 pub mod postgrest;
+pub mod realtime;
+pub mod rescue;
+pub mod runner;
+pub mod shutdown;
+pub mod telemetry;
+pub mod worker;

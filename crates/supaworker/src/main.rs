@@ -1,1 +1,96 @@
-fn main() {}
+//! The `supaworker` command: `run` (the default) runs the worker, `enqueue` inserts a job.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use supaworker::config::{self, EXIT_CONFIG};
+use supaworker::postgrest::Rest;
+use supaworker::shutdown::{Shutdown, EXIT_FATAL};
+use supaworker::worker::{self, WorkerStats};
+
+/// Runs jobs from a Supabase `jobs` table. Settings come from the environment and from
+/// `.env` in the working directory; see the README for the table of variables.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (the default).
+    Run,
+    /// Insert a pending job, for testing a deployment.
+    Enqueue {
+        /// The job's action, e.g. send_campaign_dry_run.
+        action: String,
+        /// The job's payload, a JSON object.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = dotenvy::dotenv() {
+        if !error.not_found() {
+            eprintln!("supaworker: .env in the working directory cannot be read: {error}; fix the file or remove it");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    }
+    let config = match config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("supaworker: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    supaworker::telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime builds");
+    let status = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => {
+                let shutdown = Shutdown::new();
+                let signals = tokio::spawn(shutdown.clone().watch_signals(config.drain_period));
+                let status = worker::run(config, shutdown, WorkerStats::default()).await;
+                signals.abort();
+                status
+            }
+            Command::Enqueue { action, payload } => enqueue(config, &action, &payload).await,
+        }
+    });
+    ExitCode::from(status as u8)
+}
+
+async fn enqueue(config: config::Config, action: &str, payload: &str) -> i32 {
+    let payload: serde_json::Value = match serde_json::from_str(payload) {
+        Ok(value @ serde_json::Value::Object(_)) => value,
+        Ok(_) | Err(_) => {
+            eprintln!("supaworker: --payload {payload:?} is not a JSON object; write it like '{{\"company_name\":\"Acme\"}}'");
+            return EXIT_CONFIG;
+        }
+    };
+    if config.actions.get(action).is_none() {
+        let known: Vec<&str> = config.actions.names().collect();
+        eprintln!(
+            "supaworker: warning: action {action:?} is not in the action table ({}); the job will fail unless another worker knows it",
+            known.join(", ")
+        );
+    }
+    let rest = Rest::new(&config.supabase_url, config.api_key, config.request_timeout);
+    match rest.insert_job(action, &payload).await {
+        Ok(row) => {
+            println!("{}", row.id);
+            0
+        }
+        Err(error) => {
+            eprintln!("supaworker: enqueue failed: {error}");
+            EXIT_FATAL
+        }
+    }
+}

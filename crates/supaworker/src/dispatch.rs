@@ -1,0 +1,360 @@
+//! The dispatcher: turns wake-ups into claims. Realtime hints, readiness messages, the sweep
+//! timer and freed slots all lead to a sweep of pending rows (the table is the truth; an
+//! event is only a hint), and the oldest pending jobs are claimed while slots are free.
+//!
+//! Slots are bounded globally (`SUPAWORKER_CONCURRENCY`) and per action (`concurrency` in
+//! the action table). Claims and job runs happen in their own tasks so the loop never waits
+//! on the network or a child process.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{self, JobContext, JobEnd};
+use crate::postgrest::{Attempt, Claim, JobId, PendingJob, RestError};
+use crate::realtime::Hint;
+
+/// Upper bound of hinted ids remembered to attribute claims to Realtime.
+const HINT_MEMORY: usize = 10_000;
+
+/// Dispatcher counters for telemetry and tests.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub sweeps: AtomicU64,
+    pub sweep_errors: AtomicU64,
+    pub claims_won: AtomicU64,
+    pub claims_lost: AtomicU64,
+    pub claimed_via_realtime: AtomicU64,
+    pub claimed_via_sweep: AtomicU64,
+    /// Jobs a sweep claimed that Realtime never announced while the channel was live.
+    pub missed_by_realtime: AtomicU64,
+}
+
+/// What ended the dispatcher's loop and what it left behind.
+#[derive(Debug, Default)]
+pub struct DispatchReport {
+    pub unrecorded_jobs: u64,
+}
+
+enum TaskResult {
+    Swept(Result<Vec<PendingJob>, RestError>),
+    Job {
+        id: JobId,
+        action: String,
+        end: Option<JobEnd>,
+    },
+}
+
+/// The dispatcher's inputs.
+pub struct Dispatcher {
+    pub ctx: Arc<JobContext>,
+    pub hints: mpsc::Receiver<Hint>,
+    pub ready: watch::Receiver<u64>,
+    pub stats: Arc<DispatchStats>,
+    /// Cancelled on the first shutdown signal: stop sweeping and claiming.
+    pub stop_claiming: CancellationToken,
+    /// Cancelled when running jobs must be stopped (drain over or second signal).
+    pub interrupt: CancellationToken,
+}
+
+struct State {
+    candidates: VecDeque<PendingJob>,
+    candidate_ids: HashSet<JobId>,
+    running: HashMap<JobId, String>,
+    per_action: HashMap<String, usize>,
+    hinted: HashSet<JobId>,
+    hinted_order: VecDeque<JobId>,
+    sweep_in_flight: bool,
+    sweep_wanted: bool,
+    last_page_full: bool,
+    last_ready: Option<Instant>,
+}
+
+impl Dispatcher {
+    /// Runs until `stop_claiming` is cancelled and every running job has ended.
+    pub async fn run(mut self) -> DispatchReport {
+        let config = self.ctx.config.clone();
+        let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let mut report = DispatchReport::default();
+        let mut state = State {
+            candidates: VecDeque::new(),
+            candidate_ids: HashSet::new(),
+            running: HashMap::new(),
+            per_action: HashMap::new(),
+            hinted: HashSet::new(),
+            hinted_order: VecDeque::new(),
+            sweep_in_flight: false,
+            sweep_wanted: true,
+            last_page_full: false,
+            last_ready: None,
+        };
+        let mut sweep_timer = Box::pin(tokio::time::sleep(jittered(config.sweep_interval)));
+        let mut hints_open = true;
+        let mut ready_open = true;
+
+        loop {
+            let claiming = !self.stop_claiming.is_cancelled();
+            if claiming {
+                self.start_work(&mut state, &mut tasks);
+            } else if tasks.is_empty() {
+                break;
+            }
+
+            tokio::select! {
+                _ = self.stop_claiming.cancelled(), if claiming => {
+                    tracing::info!(running = state.running.len(), "dispatcher stopped claiming");
+                    state.candidates.clear();
+                    state.candidate_ids.clear();
+                }
+                hint = self.hints.recv(), if hints_open && claiming => match hint {
+                    Some(Hint::Job { id, .. }) => {
+                        if let Some(id) = JobId::from_json(&id) {
+                            remember_hint(&mut state, id);
+                        }
+                        state.sweep_wanted = true;
+                    }
+                    None => hints_open = false,
+                },
+                changed = self.ready.changed(), if ready_open && claiming => match changed {
+                    Ok(()) => {
+                        state.last_ready = Some(Instant::now());
+                        state.sweep_wanted = true;
+                    }
+                    Err(_) => ready_open = false,
+                },
+                _ = &mut sweep_timer, if claiming => {
+                    state.sweep_wanted = true;
+                    sweep_timer.as_mut().reset(tokio::time::Instant::now() + jittered(config.sweep_interval));
+                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    match done {
+                        Ok(result) => self.finish_task(&mut state, result, &mut report),
+                        Err(error) => tracing::error!(error = %error, "dispatcher task failed"),
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    fn free_slots(&self, state: &State) -> usize {
+        self.ctx
+            .config
+            .concurrency
+            .saturating_sub(state.running.len())
+    }
+
+    /// Actions whose per-action limit is reached.
+    fn full_actions(&self, state: &State) -> Vec<String> {
+        self.ctx
+            .config
+            .actions
+            .iter()
+            .filter(|a| {
+                a.concurrency.is_some_and(|limit| {
+                    state.per_action.get(&a.name).copied().unwrap_or(0) >= limit
+                })
+            })
+            .map(|a| a.name.clone())
+            .collect()
+    }
+
+    /// Starts a sweep when one is wanted, and claims candidates while slots are free.
+    fn start_work(&self, state: &mut State, tasks: &mut JoinSet<TaskResult>) {
+        let mut index = 0;
+        while self.free_slots(state) > 0 && index < state.candidates.len() {
+            let full = self.full_actions(state);
+            let candidate = &state.candidates[index];
+            if full.contains(&candidate.action) {
+                index += 1;
+                continue;
+            }
+            let candidate = state.candidates.remove(index).expect("index is in range");
+            let Some(id) = JobId::from_json(&candidate.id) else {
+                continue;
+            };
+            state.candidate_ids.remove(&id);
+            if state.running.contains_key(&id) {
+                continue;
+            }
+            state.running.insert(id.clone(), candidate.action.clone());
+            *state
+                .per_action
+                .entry(candidate.action.clone())
+                .or_default() += 1;
+            let via_realtime = state.hinted.contains(&id);
+            let missed = !via_realtime
+                && state.last_ready.is_some()
+                && created_before(&candidate, Duration::from_secs(2));
+            tasks.spawn(claim_and_run(
+                self.ctx.clone(),
+                self.stats.clone(),
+                id,
+                candidate.action,
+                full,
+                via_realtime,
+                missed,
+                self.interrupt.clone(),
+            ));
+        }
+
+        if state.candidates.is_empty() && state.last_page_full {
+            state.sweep_wanted = true;
+        }
+        if state.sweep_wanted && !state.sweep_in_flight && self.free_slots(state) > 0 {
+            state.sweep_wanted = false;
+            state.sweep_in_flight = true;
+            let rest = self.ctx.rest.clone();
+            let limit = self.ctx.config.sweep_page_size;
+            let exclude = self.full_actions(state);
+            self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+            tasks.spawn(async move { TaskResult::Swept(rest.list_pending(limit, &exclude).await) });
+        }
+    }
+
+    fn finish_task(&self, state: &mut State, result: TaskResult, report: &mut DispatchReport) {
+        match result {
+            TaskResult::Swept(Ok(jobs)) => {
+                state.sweep_in_flight = false;
+                state.last_page_full = jobs.len() >= self.ctx.config.sweep_page_size;
+                state.candidates.clear();
+                state.candidate_ids.clear();
+                for job in jobs {
+                    let Some(id) = JobId::from_json(&job.id) else {
+                        continue;
+                    };
+                    if state.running.contains_key(&id) || !state.candidate_ids.insert(id) {
+                        continue;
+                    }
+                    state.candidates.push_back(job);
+                }
+            }
+            TaskResult::Swept(Err(error)) => {
+                state.sweep_in_flight = false;
+                self.stats.sweep_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %error, error_class = error.class(), "sweep failed, the next sweep is on the timer");
+            }
+            TaskResult::Job { id, action, end } => {
+                state.running.remove(&id);
+                if let Some(count) = state.per_action.get_mut(&action) {
+                    *count = count.saturating_sub(1);
+                }
+                if end == Some(JobEnd::Unrecorded) {
+                    report.unrecorded_jobs += 1;
+                }
+                if end.is_some() {
+                    // A slot freed after a real run: more work may be waiting.
+                    state.sweep_wanted |= state.candidates.is_empty();
+                }
+            }
+        }
+    }
+}
+
+fn remember_hint(state: &mut State, id: JobId) {
+    if state.hinted.insert(id.clone()) {
+        state.hinted_order.push_back(id);
+        while state.hinted_order.len() > HINT_MEMORY {
+            if let Some(old) = state.hinted_order.pop_front() {
+                state.hinted.remove(&old);
+            }
+        }
+    }
+}
+
+fn created_before(job: &PendingJob, age: Duration) -> bool {
+    let Some(created) = job
+        .created_at
+        .as_deref()
+        .and_then(crate::postgrest::parse_timestamp)
+    else {
+        return false;
+    };
+    let now = time::OffsetDateTime::now_utc();
+    (now - created) > age
+}
+
+/// The sweep interval with up to 10% jitter, so instances do not sweep in step.
+fn jittered(interval: Duration) -> Duration {
+    let spread = interval.as_secs_f64() * 0.1;
+    let offset = rand::rng().random_range(-spread..=spread);
+    Duration::from_secs_f64((interval.as_secs_f64() + offset).max(0.05))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn claim_and_run(
+    ctx: Arc<JobContext>,
+    stats: Arc<DispatchStats>,
+    id: JobId,
+    action: String,
+    exclude_actions: Vec<String>,
+    via_realtime: bool,
+    missed_by_realtime: bool,
+    interrupt: CancellationToken,
+) -> TaskResult {
+    let attempt = Attempt::now();
+    let header = job::log_header(&ctx.config.instance_id, attempt);
+    let claim = ctx
+        .rest
+        .claim(&id, attempt, &header, &exclude_actions)
+        .await;
+    let row = match claim {
+        Ok(Claim::Won(row)) => row,
+        Ok(Claim::Lost) => {
+            stats.claims_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(job_id = %id, "claim lost, another worker has the job");
+            return TaskResult::Job {
+                id,
+                action,
+                end: None,
+            };
+        }
+        Err(error) => {
+            tracing::warn!(job_id = %id, error = %error, error_class = error.class(), "claim failed");
+            return TaskResult::Job {
+                id,
+                action,
+                end: None,
+            };
+        }
+    };
+    stats.claims_won.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.claimed.fetch_add(1, Ordering::Relaxed);
+    let via = if via_realtime {
+        stats.claimed_via_realtime.fetch_add(1, Ordering::Relaxed);
+        "realtime"
+    } else {
+        stats.claimed_via_sweep.fetch_add(1, Ordering::Relaxed);
+        "sweep"
+    };
+    if missed_by_realtime {
+        let before = stats.missed_by_realtime.fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            tracing::warn!(
+                job_id = %id,
+                "sweep found a pending job that Realtime never announced; live delivery is missing events \
+                 (likely causes: jobs not in the supabase_realtime publication, a reconnect gap, \
+                 server-side rate limiting); the sweep keeps jobs running"
+            );
+        }
+    }
+    let pickup_ms = row
+        .created_at
+        .as_deref()
+        .and_then(crate::postgrest::parse_timestamp)
+        .map(|created| (time::OffsetDateTime::now_utc() - created).whole_milliseconds() as i64);
+    tracing::info!(job_id = %id, action = %row.action, attempt = %attempt, via, pickup_ms, "job claimed");
+    let action = row.action.clone();
+    let end = job::run(ctx, row, attempt, interrupt).await;
+    TaskResult::Job {
+        id,
+        action,
+        end: Some(end),
+    }
+}

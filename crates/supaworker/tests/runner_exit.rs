@@ -144,6 +144,26 @@ async fn missing_absolute_interpreter_fails_to_spawn() {
 }
 
 #[tokio::test]
+async fn script_without_shebang_fails_to_spawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("bare.sh");
+    std::fs::write(&script, "touch ran.txt\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let outcome = run_spec(spec(dir.path(), "./bare.sh", &[])).await;
+
+    let Exit::SpawnFailed(SpawnError::Spawn { raw_os_error, .. }) = &outcome.exit else {
+        panic!("expected Spawn, got {:?}", outcome.exit);
+    };
+    assert_eq!(*raw_os_error, Some(nix::errno::Errno::ENOEXEC as i32));
+    assert!(outcome
+        .exit
+        .describe()
+        .contains("add one such as #!/bin/sh"));
+    assert!(!dir.path().join("ran.txt").exists(), "the script ran");
+}
+
+#[tokio::test]
 async fn missing_venv_python_suggests_venv() {
     let dir = tempfile::tempdir().unwrap();
 

@@ -25,7 +25,7 @@ fn peak_rss_kib() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// The number in the `\n[… N bytes omitted …]\n` marker and the marker's length.
+/// Returns the number in the `\n[… N bytes omitted …]\n` marker and the marker's length.
 fn omitted_bytes(log: &str) -> (u64, usize) {
     let start = log.find("\n[… ").expect("omitted-bytes marker");
     let end = start + 1 + log[start + 1..].find('\n').unwrap() + 1;

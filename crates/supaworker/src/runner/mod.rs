@@ -1,5 +1,5 @@
 //! Runs one job's program as a child process and reports how it ended and what it
-//! printed. The runner knows nothing of the jobs table and never calls PostgREST.
+//! printed. The runner does not use the jobs table and never calls PostgREST.
 //!
 //! Each run starts the program directly (argv, never a shell) with exactly the given
 //! environment, in its own process group. It reads stdout and stderr concurrently into
@@ -36,7 +36,7 @@ const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Size of one read from a pipe.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// What to run for one job.
+/// Program, arguments, environment and time limits for one run.
 #[derive(Clone)]
 pub struct RunSpec {
     /// The program as configured: a bare name looked up in the `PATH` of `env`, or a
@@ -70,7 +70,7 @@ impl fmt::Debug for RunSpec {
     }
 }
 
-/// How a run ended and what it printed.
+/// Result of one run: how the child ended and its output.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub exit: Exit,
@@ -82,7 +82,7 @@ pub struct RunOutcome {
     pub duration: Duration,
 }
 
-/// How the child process ended.
+/// End state of the child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// The child exited with this code.
@@ -98,12 +98,12 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// Whether the child exited with code 0.
+    /// Returns true when the child exited with code 0.
     pub fn is_success(&self) -> bool {
         matches!(self, Exit::Code(0))
     }
 
-    /// A short English description, such as "exited with code 3".
+    /// Returns a short English description, such as "exited with code 3".
     pub fn describe(&self) -> String {
         match self {
             Exit::Code(code) => format!("exited with code {code}"),
@@ -177,7 +177,7 @@ async fn run_child(
     let program = match resolve_program(&spec.program, &cwd, path_env) {
         Ok(program) => program,
         Err(error) => {
-            tracing::warn!(program = %spec.program.display(), %error, "job program cannot be started");
+            tracing::warn!(program = %spec.program.display(), %error, "starting job program failed");
             return Exit::SpawnFailed(error);
         }
     };
@@ -207,7 +207,7 @@ async fn run_child(
                 message: error.to_string(),
                 raw_os_error: error.raw_os_error(),
             };
-            tracing::warn!(program = %program.display(), %error, "job program cannot be started");
+            tracing::warn!(program = %program.display(), %error, "starting job program failed");
             return Exit::SpawnFailed(error);
         }
     };

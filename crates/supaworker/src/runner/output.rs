@@ -101,7 +101,7 @@ impl Redactor {
     }
 }
 
-/// Which pipe a piece of output came from.
+/// Pipe that a piece of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stream {
     Stdout,
@@ -114,6 +114,9 @@ pub(crate) enum Stream {
 /// redacted whole, whatever the read sizes. A partial line longer than the flush size
 /// is redacted and committed except for its last `max_secret_len - 1` bytes, which
 /// stay behind in case they start a secret that the next read completes.
+///
+/// NOTE: a partial line (such as a progress bar redrawn with `\r`) is not in the live
+/// log until its newline, 64 KiB more output, or the end of output arrives.
 pub(crate) struct LineAssembler {
     redactor: std::sync::Arc<Redactor>,
     /// Bytes of an incomplete UTF-8 sequence at the end of the previous read.
@@ -224,7 +227,7 @@ fn push_without_nul(out: &mut String, text: &str) {
     }
 }
 
-/// The largest index `<= index` that is a char boundary of `text`.
+/// Returns the largest index `<= index` that is a char boundary of `text`.
 fn floor_char_boundary(text: &str, index: usize) -> usize {
     if index >= text.len() {
         return text.len();
@@ -236,7 +239,7 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
     index
 }
 
-/// The smallest index `>= index` that is a char boundary of `text`.
+/// Returns the smallest index `>= index` that is a char boundary of `text`.
 fn ceil_char_boundary(text: &str, index: usize) -> usize {
     if index >= text.len() {
         return text.len();
@@ -419,7 +422,7 @@ impl LiveLog {
     }
 
     /// Counter that increases whenever stored output changes. Comparing it with the
-    /// value at the last flush tells whether there is anything new to store.
+    /// value at the last flush shows whether there is anything new to store.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }

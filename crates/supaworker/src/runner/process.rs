@@ -34,7 +34,7 @@ impl ProcessGroup {
         }
     }
 
-    /// Whether any process (a zombie included) is still in the group.
+    /// Returns whether any process (a zombie included) is still in the group.
     pub(crate) fn has_members(self) -> bool {
         match killpg(self.0, None) {
             Ok(()) => true,

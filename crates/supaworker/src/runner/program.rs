@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 /// Linux 5.1).
 const SHEBANG_MAX_BYTES: usize = 256;
 
-/// Why a job's program could not be started. Apart from [`SpawnError::Spawn`] with a
+/// Reason that a job's program could not be started. Apart from [`SpawnError::Spawn`] with a
 /// transient OS error, retrying does not help until the configuration or the machine
 /// is fixed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +97,7 @@ pub enum SpawnError {
 }
 
 impl SpawnError {
-    /// Whether the same spawn may succeed later without a change to the configuration:
+    /// Returns whether the same spawn may succeed later without a change to the configuration:
     /// true only for out-of-memory and process-limit errors (`ENOMEM`, `EAGAIN`).
     pub fn retry_may_help(&self) -> bool {
         match self {
@@ -267,8 +267,8 @@ fn check_interpreter(script: &Path, cwd: &Path, path_env: &str) -> Result<(), Sp
     }
 }
 
-/// The command that `env` runs for the rest of a `#!/usr/bin/env …` line, if it can be
-/// told without running `env`. Linux passes the rest of the line as one argument, so
+/// Returns the command that `env` runs for the rest of a `#!/usr/bin/env …` line, if it can be
+/// determined without running `env`. Linux passes the rest of the line as one argument, so
 /// without `-S` the whole rest (spaces included) is the command name.
 fn env_command(argument: &str) -> Option<String> {
     if let Some(split) = argument.strip_prefix("-S") {
@@ -283,7 +283,7 @@ fn env_command(argument: &str) -> Option<String> {
     Some(argument.to_owned())
 }
 
-/// The `#!` line of `path` without `#!` and surrounding whitespace, if the file
+/// Returns the `#!` line of `path` without `#!` and surrounding whitespace, if the file
 /// starts with one.
 fn read_shebang(path: &Path) -> Option<String> {
     let file = std::fs::File::open(path).ok()?;

@@ -24,7 +24,7 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
-/// A spec for `program` in `dir` with only `PATH` set and no time-out.
+/// Builds a spec for `program` in `dir` with only `PATH` set and no time-out.
 pub fn spec(dir: &Path, program: &str, args: &[&str]) -> RunSpec {
     RunSpec {
         program: PathBuf::from(program),
@@ -54,7 +54,7 @@ pub async fn run_spec(spec: RunSpec) -> RunOutcome {
     run_with(spec, OutputLimits::default(), Redactor::default()).await
 }
 
-/// Whether `pid` is gone or a zombie (dead, waiting for its new parent to reap it).
+/// Returns whether `pid` is gone or a zombie (dead, waiting for its new parent to reap it).
 pub fn process_is_dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,

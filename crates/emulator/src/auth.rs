@@ -82,9 +82,9 @@ impl Keys {
         sign_hs256(&self.jwt_secret, role, exp)
     }
 
-    /// Verifies an HS256 JWT the way Realtime does at connect and join: a valid signature,
-    /// `role` and an integer `exp` present, and `exp` in the future.
-    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+    /// Checks the HS256 signature and returns the claims, without checking `exp` or `role`
+    /// (PostgREST applies its own rules to those).
+    pub fn decode(&self, token: &str) -> Result<Claims, JwtError> {
         let parts = token.split('.').count();
         if parts != 3 {
             return Err(JwtError::Malformed { parts });
@@ -101,7 +101,13 @@ impl Keys {
             jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::BadSignature,
             _ => JwtError::Malformed { parts },
         })?;
-        let claims = data.claims;
+        Ok(data.claims)
+    }
+
+    /// Verifies an HS256 JWT the way Realtime does at connect and join: a valid signature,
+    /// `role` and an integer `exp` present, and `exp` in the future.
+    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+        let claims = self.decode(token)?;
         let Some(exp) = claims.exp_seconds() else {
             return Err(JwtError::MissingClaims);
         };

@@ -34,6 +34,8 @@ pub struct DispatchStats {
     pub claimed_via_sweep: AtomicU64,
     /// Jobs a sweep claimed that Realtime never announced while the channel was live.
     pub missed_by_realtime: AtomicU64,
+    /// Unix time in milliseconds when the last sweep succeeded; 0 before the first.
+    pub last_sweep_ok_unix_ms: AtomicU64,
 }
 
 /// What ended the dispatcher's loop and what it left behind.
@@ -222,6 +224,9 @@ impl Dispatcher {
         match result {
             TaskResult::Swept(Ok(jobs)) => {
                 state.sweep_in_flight = false;
+                self.stats
+                    .last_sweep_ok_unix_ms
+                    .store(crate::realtime::unix_millis_now(), Ordering::Relaxed);
                 state.last_page_full = jobs.len() >= self.ctx.config.sweep_page_size;
                 state.candidates.clear();
                 state.candidate_ids.clear();
@@ -344,14 +349,20 @@ async fn claim_and_run(
             );
         }
     }
-    let pickup_ms = row
+    let pickup = row
         .created_at
         .as_deref()
         .and_then(crate::postgrest::parse_timestamp)
-        .map(|created| (time::OffsetDateTime::now_utc() - created).whole_milliseconds() as i64);
+        .map(|created| time::OffsetDateTime::now_utc() - created);
+    let pickup_ms = pickup.map(|pickup| pickup.whole_milliseconds() as i64);
     tracing::info!(job_id = %id, action = %row.action, attempt = %attempt, via, pickup_ms, "job claimed");
+    let actions = &ctx.config.actions;
+    let pickup = pickup.and_then(|pickup| Duration::try_from(pickup).ok());
+    crate::metrics::job_claimed(actions, &row.action, pickup);
     let action = row.action.clone();
-    let end = job::run(ctx, row, attempt, interrupt).await;
+    let started = Instant::now();
+    let end = job::run(ctx.clone(), row, attempt, interrupt).await;
+    crate::metrics::job_finished(&ctx.config.actions, &action, end, started.elapsed());
     TaskResult::Job {
         id,
         action,

@@ -11,12 +11,17 @@
 //! - [`rescue`]: finishes jobs left `running` by a worker that died;
 //! - [`shutdown`]: signals and the drain;
 //! - [`telemetry`]: logging setup;
+//! - [`health`] and [`metrics`]: the probe and Prometheus endpoint;
+//! - [`check`]: `supaworker check`, which diagnoses a deployment;
 //! - [`worker`]: wires the roles together for `supaworker run`.
 
 pub mod actions;
+pub mod check;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod job;
+pub mod metrics;
 pub mod postgrest;
 pub mod realtime;
 pub mod rescue;

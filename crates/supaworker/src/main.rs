@@ -1,4 +1,5 @@
-//! The `supaworker` command: `run` (the default) runs the worker, `enqueue` inserts a job.
+//! The `supaworker` command: `run` (the default) runs the worker, `enqueue` inserts a job,
+//! `check` diagnoses the configuration and the project.
 
 use std::process::ExitCode;
 
@@ -30,6 +31,13 @@ enum Command {
         #[arg(long, default_value = "{}")]
         payload: String,
     },
+    /// Check the configuration, the key, the jobs table, Realtime and every action's
+    /// program and script; print one line per check and exit 1 on any problem.
+    Check {
+        /// How long to wait for Realtime's readiness message, e.g. 20s.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        realtime_timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,6 +47,9 @@ fn main() -> ExitCode {
             eprintln!("supaworker: .env in the working directory cannot be read: {error}; fix the file or remove it");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
+    }
+    if let Some(Command::Check { realtime_timeout }) = cli.command {
+        return check(realtime_timeout);
     }
     let config = match config::from_env() {
         Ok(config) => config,
@@ -62,9 +73,37 @@ fn main() -> ExitCode {
                 status
             }
             Command::Enqueue { action, payload } => enqueue(config, &action, &payload).await,
+            Command::Check { .. } => unreachable!("check returns before the worker starts"),
         }
     });
     ExitCode::from(status as u8)
+}
+
+/// Runs `supaworker check`. The Realtime client's log goes to stderr only when `RUST_LOG`
+/// is set, so the output is the check lines alone.
+fn check(realtime_timeout: std::time::Duration) -> ExitCode {
+    let config = config::from_env();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let format = config
+            .as_ref()
+            .map(|c| c.log_format)
+            .unwrap_or(config::LogFormat::Auto);
+        supaworker::telemetry::init(format);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime builds");
+    let options = supaworker::check::CheckOptions { realtime_timeout };
+    let findings = runtime.block_on(supaworker::check::run(config, &options));
+    for finding in &findings {
+        println!("{finding}");
+    }
+    if supaworker::check::has_problems(&findings) {
+        ExitCode::from(EXIT_FATAL as u8)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn enqueue(config: config::Config, action: &str, payload: &str) -> i32 {

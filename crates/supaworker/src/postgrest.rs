@@ -86,6 +86,19 @@ pub fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
+/// The columns of `jobs` the worker reads or writes.
+pub const JOBS_COLUMNS: [&str; 9] = [
+    "id",
+    "action",
+    "payload",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "log",
+    "error",
+];
+
 /// A row of `jobs` as the worker reads it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct JobRow {
@@ -217,6 +230,7 @@ impl RestStats {
             RestError::Rejected { .. } => &self.errors_rejected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::rest_error(error.class());
     }
 }
 
@@ -288,6 +302,7 @@ impl Rest {
         prefer: Option<&str>,
     ) -> Result<Reply, RestError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::rest_request();
         let mut request = self
             .client
             .request(method, url)
@@ -666,16 +681,15 @@ impl Rest {
 
     /// Reads the columns of `jobs` the worker needs (one row at most), to check the schema.
     pub async fn probe_jobs_table(&self) -> Result<(), RestError> {
+        self.probe_jobs_columns(&JOBS_COLUMNS).await
+    }
+
+    /// Reads `columns` of `jobs` (one row at most). PostgREST names only the first missing
+    /// column in its error, so callers probe one column at a time to list them all.
+    pub async fn probe_jobs_columns(&self, columns: &[&str]) -> Result<(), RestError> {
         let url = self.url(
             "jobs",
-            &[
-                (
-                    "select",
-                    "id,action,payload,status,created_at,started_at,finished_at,log,error"
-                        .to_string(),
-                ),
-                ("limit", "1".to_string()),
-            ],
+            &[("select", columns.join(",")), ("limit", "1".to_string())],
         );
         let reply = self.send(Method::GET, url, None, None).await?;
         let _: Vec<Value> = parse_json(&reply)?;

@@ -127,6 +127,7 @@ async fn rescue_one(
         &stats.failed
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::job_rescued(&config.actions, &row.action, requeue);
     tracing::warn!(job_id = %id, action = %row.action, owner, started_at, requeue, pass = ?pass, "job rescued");
     Ok(true)
 }

@@ -9,12 +9,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, TWILIO_VARIABLES};
 use crate::dispatch::{DispatchStats, Dispatcher};
+use crate::health::{self, Readiness};
 use crate::job::{JobContext, JobStats};
 use crate::postgrest::Rest;
 use crate::realtime::{self, RealtimeConfig, RealtimeStats};
 use crate::rescue::{self, Pass, RescueStats};
 use crate::runner::Redactor;
-use crate::shutdown::{Shutdown, EXIT_OK, EXIT_UNRECORDED};
+use crate::shutdown::{Shutdown, EXIT_FATAL, EXIT_OK, EXIT_UNRECORDED};
 
 /// Capacity of the hint queue between the Realtime reader and the dispatcher. When it is
 /// full, hints are dropped and counted; the sweep finds those jobs.
@@ -59,6 +60,21 @@ pub async fn run(config: Config, shutdown: Shutdown, stats: WorkerStats) -> i32 
         redactor: Arc::new(Redactor::new(secrets(&config))),
         stats: stats.jobs.clone(),
     });
+
+    // The endpoint stays up through the drain and stops when this function returns.
+    let health_stop = tokio_util::sync::CancellationToken::new();
+    let _health_guard = health_stop.clone().drop_guard();
+    if let Some(addr) = config.health_addr {
+        let readiness = Readiness::for_config(&config);
+        let stop_claiming = shutdown.stop_claiming.clone();
+        match health::start(addr, stats.clone(), readiness, stop_claiming, health_stop).await {
+            Ok((bound, _task)) => tracing::info!(addr = %bound, "health endpoint listening"),
+            Err(error) => {
+                tracing::error!(error = %error, "health endpoint not started, stopping");
+                return EXIT_FATAL;
+            }
+        }
+    }
 
     // The start-up pass takes every running job of this instance id, so it must finish
     // before this process claims anything.

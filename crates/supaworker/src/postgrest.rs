@@ -488,12 +488,12 @@ impl Rest {
                         .retry_after()
                         .unwrap_or(Duration::from_millis(200 * resends))
                         .min(Duration::from_secs(30));
-                    tracing::warn!(job_id = %id, error = %error, wait_ms = wait.as_millis() as u64, "claim failed, retrying");
+                    tracing::warn!(job_id = %id, error = %error, error_class = error.class(), wait_ms = wait.as_millis() as u64, "claim failed, retrying");
                     tokio::time::sleep(wait).await;
                 }
                 RestError::Ambiguous { .. } if resends < 3 => {
                     resends += 1;
-                    tracing::warn!(job_id = %id, attempt = %attempt, error = %error, "claim outcome unknown, reading the job back");
+                    tracing::warn!(job_id = %id, attempt = %attempt, error = %error, error_class = error.class(), "claim outcome unknown, reading the job back");
                     match self.get_job(id).await? {
                         Some(row)
                             if row.status == "running"

@@ -149,7 +149,7 @@ pub async fn run_periodic(
             _ = stop.cancelled() => return,
             _ = timer.tick() => {
                 if let Err(error) = rescue_pass(&rest, &config, &stats, Pass::Overdue, &none).await {
-                    tracing::warn!(error = %error, "rescue pass failed");
+                    tracing::warn!(error = %error, error_class = error.class(), "rescue pass failed");
                 }
             }
         }

@@ -144,6 +144,8 @@ pub struct RealtimeStats {
     pub subscribe_errors: AtomicU64,
     /// Heartbeats whose reply had not arrived when the next one was due.
     pub heartbeat_timeouts: AtomicU64,
+    /// Heartbeat replies received.
+    pub heartbeat_replies: AtomicU64,
     /// Round-trip time of the last heartbeat that got a reply, in microseconds.
     pub heartbeat_rtt_micros: AtomicU64,
 }
@@ -165,6 +167,7 @@ pub struct RealtimeStatsSnapshot {
     pub event_errors: u64,
     pub subscribe_errors: u64,
     pub heartbeat_timeouts: u64,
+    pub heartbeat_replies: u64,
     pub heartbeat_rtt_micros: u64,
 }
 
@@ -186,6 +189,7 @@ impl RealtimeStats {
             event_errors: load(&self.event_errors),
             subscribe_errors: load(&self.subscribe_errors),
             heartbeat_timeouts: load(&self.heartbeat_timeouts),
+            heartbeat_replies: load(&self.heartbeat_replies),
             heartbeat_rtt_micros: load(&self.heartbeat_rtt_micros),
         }
     }

@@ -608,6 +608,9 @@ impl<'a> Session<'a> {
             self.stats()
                 .heartbeat_rtt_micros
                 .store(rtt.as_micros() as u64, Ordering::Relaxed);
+            self.stats()
+                .heartbeat_replies
+                .fetch_add(1, Ordering::Relaxed);
             self.pending_heartbeat = None;
         }
     }
@@ -734,13 +737,19 @@ impl<'a> Session<'a> {
         // "Server requested disconnect" goes to every channel without a `channel` key and
         // precedes a close with 1012.
         if status == "ok" && extension != frame::POSTGRES_CHANGES {
-            info!(extension, message, "Realtime system message");
+            info!(
+                extension,
+                server_message = message,
+                "Realtime system message"
+            );
             return Ok(());
         }
         if frame.join_ref.is_some() && !self.is_current(&frame) {
             debug!(
                 extension,
-                status, message, "system message for an old join ignored"
+                status,
+                server_message = message,
+                "system message for an old join ignored"
             );
             return Ok(());
         }
@@ -751,7 +760,9 @@ impl<'a> Session<'a> {
         if self.phase.join_ref().is_none() {
             debug!(
                 extension,
-                status, message, "system message while not joined ignored"
+                status,
+                server_message = message,
+                "system message while not joined ignored"
             );
             return Ok(());
         }
@@ -762,7 +773,7 @@ impl<'a> Session<'a> {
                     .fetch_add(1, Ordering::Relaxed);
                 let delay = self.config.subscribe_error_retry;
                 error!(
-                    message,
+                    server_message = message,
                     fix = %format!("{PUBLICATION_FIX} {}.{};", self.config.schema, self.config.table),
                     wait_ms = delay.as_millis() as u64,
                     "Realtime cannot subscribe to the jobs table: run the SQL in `fix` (or correct the filter); leaving and retrying slowly"
@@ -773,7 +784,7 @@ impl<'a> Session<'a> {
                 let delay = self.backoff_delay();
                 warn!(
                     extension,
-                    message,
+                    server_message = message,
                     wait_ms = delay.as_millis() as u64,
                     "Realtime channel error; leaving and rejoining"
                 );
@@ -819,9 +830,9 @@ impl<'a> Session<'a> {
             .store(unix_millis_now(), Ordering::Relaxed);
         self.outputs.ready.send_modify(|count| *count += 1);
         if repeated {
-            info!(join_ref = %join_ref, message, "Realtime subscription re-created; changes may have been missed");
+            info!(join_ref = %join_ref, server_message = message, "Realtime subscription re-created; changes may have been missed");
         } else {
-            info!(join_ref = %join_ref, message, "Realtime subscription live");
+            info!(join_ref = %join_ref, server_message = message, "Realtime subscription live");
         }
     }
 

@@ -106,6 +106,8 @@ pub(super) async fn connect(
     request.headers_mut().insert("x-api-key", key_header);
 
     let timeout = config.readiness_timeout;
+    // NOTE: tests run only plain `ws://` on loopback; the `wss://` path (rustls with the
+    // webpki roots) is not exercised by any test here.
     match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await {
         Err(_) => Err(RealtimeError::ConnectTimeout(timeout)),
         Ok(Ok((socket, _response))) => Ok(socket),
@@ -217,6 +219,24 @@ pub(super) fn bindings(schema: &str, table: &str) -> Vec<Value> {
         json!({"event": "INSERT", "schema": schema, "table": table}),
         json!({"event": "UPDATE", "schema": schema, "table": table, "filter": "status=eq.pending"}),
     ]
+}
+
+/// Builds the `phx_join` payload in the shape realtime-js sends. The key goes in
+/// `access_token` only when it is a JWT, because Realtime ignores `sb_` access tokens and
+/// uses the token the socket connected with.
+fn join_payload(bindings: &[Value], key_kind: &ApiKeyKind, api_key: &str) -> Value {
+    let mut payload = json!({
+        "config": {
+            "broadcast": {"ack": false, "self": false},
+            "presence": {"key": "", "enabled": false},
+            "postgres_changes": bindings,
+            "private": false,
+        }
+    });
+    if key_kind.is_jwt() {
+        payload["access_token"] = Value::String(api_key.to_owned());
+    }
+    payload
 }
 
 /// Checks the join reply's `postgres_changes` list against the requested bindings, entry by
@@ -463,18 +483,7 @@ impl<'a> Session<'a> {
             error!("the configured API key is a JWT whose exp has passed, so Realtime will reject it; configure a current service_role key or an sb_secret_ key");
         }
         let join_ref = self.make_ref();
-        let mut payload = json!({
-            "config": {
-                "broadcast": {"ack": false, "self": false},
-                "presence": {"key": "", "enabled": false},
-                "postgres_changes": self.bindings,
-                "private": false,
-            }
-        });
-        // Realtime ignores `sb_` access tokens and falls back to the socket's token.
-        if self.key_kind.is_jwt() {
-            payload["access_token"] = Value::String(self.config.api_key.clone());
-        }
+        let payload = join_payload(&self.bindings, self.key_kind, &self.config.api_key);
         let frame = Frame::new(
             Some(&join_ref),
             Some(&join_ref),
@@ -856,6 +865,40 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_payload_sends_jwt_as_access_token() {
+        let jwt =
+            "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIiwiZXhwIjo0MTAyNDQ0ODAwfQ.c2ln";
+        let kind = ApiKeyKind::of(jwt);
+        let payload = join_payload(&bindings("public", "jobs"), &kind, jwt);
+        assert_eq!(payload["access_token"], jwt);
+        assert_eq!(
+            payload["config"]["postgres_changes"],
+            json!(bindings("public", "jobs"))
+        );
+        assert_eq!(payload["config"]["private"], false);
+    }
+
+    #[test]
+    fn join_payload_omits_secret_key() {
+        let key = "sb_secret_abc";
+        let payload = join_payload(&bindings("public", "jobs"), &ApiKeyKind::of(key), key);
+        assert!(payload.get("access_token").is_none());
+        assert!(!payload.to_string().contains(key));
+    }
+
+    #[test]
+    fn bindings_cover_insert_and_pending_update() {
+        let requested = bindings("public", "jobs");
+        assert_eq!(requested.len(), 2);
+        assert_eq!(
+            requested[0],
+            json!({"event": "INSERT", "schema": "public", "table": "jobs"})
+        );
+        assert_eq!(requested[1]["event"], "UPDATE");
+        assert_eq!(requested[1]["filter"], "status=eq.pending");
+    }
 
     #[test]
     fn reply_ids_follow_requested_order() {

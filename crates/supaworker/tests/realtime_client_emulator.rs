@@ -31,6 +31,8 @@ struct Harness {
 enum KeyChoice {
     ServiceRoleJwt,
     SecretKey,
+    /// A service_role JWT whose `exp` passed a minute ago.
+    ExpiredJwt,
 }
 
 fn client_config(url: &str, api_key: String) -> RealtimeConfig {
@@ -49,7 +51,8 @@ fn client_config(url: &str, api_key: String) -> RealtimeConfig {
 }
 
 impl Harness {
-    async fn start(
+    /// Starts the emulator and the client without waiting for readiness.
+    async fn launch(
         key: KeyChoice,
         realtime_options: RealtimeOptions,
         hint_capacity: usize,
@@ -69,6 +72,10 @@ impl Harness {
         let api_key = match key {
             KeyChoice::ServiceRoleJwt => emulator.keys().service_role_jwt.clone(),
             KeyChoice::SecretKey => emulator.keys().secret_key.clone(),
+            KeyChoice::ExpiredJwt => {
+                let now = supabase_emulator::auth::now_seconds();
+                emulator.keys().sign("service_role", now - 60)
+            }
         };
         let config = client_config(&emulator.url(), api_key);
         let (hint_sender, hints) = mpsc::channel(hint_capacity);
@@ -82,7 +89,7 @@ impl Harness {
             stats.clone(),
             shutdown.clone(),
         );
-        let mut harness = Harness {
+        Harness {
             emulator,
             database,
             hints,
@@ -90,7 +97,16 @@ impl Harness {
             stats,
             shutdown,
             task,
-        };
+        }
+    }
+
+    /// Starts the emulator and the client and waits for the first readiness.
+    async fn start(
+        key: KeyChoice,
+        realtime_options: RealtimeOptions,
+        hint_capacity: usize,
+    ) -> Harness {
+        let mut harness = Harness::launch(key, realtime_options, hint_capacity).await;
         harness.wait_ready_after(0, "first subscription").await;
         harness
     }
@@ -471,4 +487,42 @@ async fn shutdown_closes_socket() {
             harness.emulator.realtime().stats().sockets_open == 0
         })
         .await;
+}
+
+#[tokio::test]
+async fn expired_key_keeps_retrying() {
+    let mut harness =
+        Harness::launch(KeyChoice::ExpiredJwt, RealtimeOptions::for_tests(), 64).await;
+    // The server rejects the upgrade with 401, and the client must go on retrying instead
+    // of giving up, so an operator who fixes the key server-side needs no restart.
+    harness
+        .wait_until("three rejected connects", |harness| {
+            harness.stats.connect_attempts.load(Ordering::Relaxed) >= 3
+        })
+        .await;
+    assert_eq!(harness.ready_count(), 0);
+    assert!(!harness.stats.live.load(Ordering::Relaxed));
+    assert_eq!(harness.stats.joins.load(Ordering::Relaxed), 0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_keep_idle_socket_open() {
+    // The server closes a socket after this long without a client frame. Heartbeats every
+    // 2 s keep it open although the client sends nothing else.
+    let options = RealtimeOptions {
+        idle_timeout: Duration::from_secs(5),
+        ..RealtimeOptions::for_tests()
+    };
+    let mut harness = Harness::start(KeyChoice::ServiceRoleJwt, options, 64).await;
+    let replies = harness.stats.heartbeat_replies.load(Ordering::Relaxed);
+    harness
+        .wait_until("heartbeats spanning three idle timeouts", |harness| {
+            harness.stats.heartbeat_replies.load(Ordering::Relaxed) >= replies + 8
+        })
+        .await;
+    assert_eq!(harness.stats.reconnects.load(Ordering::Relaxed), 0);
+    assert_eq!(harness.stats.heartbeat_timeouts.load(Ordering::Relaxed), 0);
+    harness.assert_delivers("after idle period").await;
+    harness.stop().await;
 }

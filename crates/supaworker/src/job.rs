@@ -261,20 +261,15 @@ async fn write_final(
     error: Option<&str>,
 ) -> JobEnd {
     match ctx.rest.finish(id, attempt, status, log, error).await {
-        Ok(Fence::Held) => {
-            let counter = if status == "success" {
-                &ctx.stats.succeeded
-            } else {
-                &ctx.stats.failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            if status == "success" {
-                JobEnd::Succeeded
-            } else {
-                JobEnd::Failed
-            }
-        }
+        Ok(Fence::Held) => count_final(ctx, status),
         Ok(Fence::Lost) => {
+            // A retry after a lost response finds the row already final: read it back
+            // before concluding that someone else changed the job.
+            if let Ok(Some(row)) = ctx.rest.get_job(id).await {
+                if row.status == status && attempt.matches(row.started_at.as_deref()) {
+                    return count_final(ctx, status);
+                }
+            }
             ctx.stats.lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job_id = %id, attempt = %attempt, "job changed by someone else before its final status was written; left as it is");
             JobEnd::Lost
@@ -284,6 +279,16 @@ async fn write_final(
             tracing::error!(job_id = %id, attempt = %attempt, error = %error, "final status could not be written; the rescuer will finish the job");
             JobEnd::Unrecorded
         }
+    }
+}
+
+fn count_final(ctx: &JobContext, status: &str) -> JobEnd {
+    if status == "success" {
+        ctx.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+        JobEnd::Succeeded
+    } else {
+        ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+        JobEnd::Failed
     }
 }
 

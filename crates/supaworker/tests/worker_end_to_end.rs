@@ -67,8 +67,18 @@ async fn realtime_wakes_worker() {
     assert_eq!(state.status, "success", "{state:?}");
     assert!(state.has_started_at);
     assert!(state.has_finished_at);
-    assert!(state.log.starts_with("[supaworker] claimed by instance=w1 attempt="), "{}", state.log);
-    assert!(state.log.contains("with 1 args: --note=hello world"), "{}", state.log);
+    assert!(
+        state
+            .log
+            .starts_with("[supaworker] claimed by instance=w1 attempt="),
+        "{}",
+        state.log
+    );
+    assert!(
+        state.log.contains("with 1 args: --note=hello world"),
+        "{}",
+        state.log
+    );
 
     let claimed = worker.wait_event("job claimed").await;
     assert_eq!(claimed["via"], "realtime", "{claimed}");
@@ -105,9 +115,15 @@ async fn unknown_action_lists_known_ones() {
     let id = stack.insert("launch_rockets", json!({})).await;
     let state = stack.wait_status(id, &["success", "failed"]).await;
     assert_eq!(state.status, "failed");
-    assert!(state.error.contains("unknown action \"launch_rockets\""), "{}", state.error);
     assert!(
-        state.error.contains("known actions: fails, missing_script, record, typed"),
+        state.error.contains("unknown action \"launch_rockets\""),
+        "{}",
+        state.error
+    );
+    assert!(
+        state
+            .error
+            .contains("known actions: fails, missing_script, record, typed"),
         "{}",
         state.error
     );
@@ -126,12 +142,18 @@ async fn wrong_payload_type_spawns_nothing() {
     let state = stack.wait_status(id, &["success", "failed"]).await;
     assert_eq!(state.status, "failed");
     assert!(
-        state.error.contains("payload field `count` has invalid value \"many\": must be an integer"),
+        state
+            .error
+            .contains("payload field `count` has invalid value \"many\": must be an integer"),
         "{}",
         state.error
     );
     assert!(state.error.contains("Nothing was run"), "{}", state.error);
-    assert!(scripts.runs().is_empty(), "the script ran: {:?}", scripts.runs());
+    assert!(
+        scripts.runs().is_empty(),
+        "the script ran: {:?}",
+        scripts.runs()
+    );
     assert_eq!(worker.stop().await, 0);
 }
 
@@ -146,7 +168,11 @@ async fn missing_script_fails_clearly() {
     let state = stack.wait_status(id, &["success", "failed"]).await;
     assert_eq!(state.status, "failed");
     assert!(state.error.contains("script not found"), "{}", state.error);
-    assert!(state.error.contains("scripts/not_there.py"), "{}", state.error);
+    assert!(
+        state.error.contains("scripts/not_there.py"),
+        "{}",
+        state.error
+    );
     assert_eq!(worker.stop().await, 0);
 }
 
@@ -161,7 +187,11 @@ async fn failure_reports_exit_code_and_stderr() {
     let state = stack.wait_status(id, &["success", "failed"]).await;
     assert_eq!(state.status, "failed");
     assert!(state.error.contains("code 7"), "{}", state.error);
-    assert!(state.error.contains("disk quota exceeded"), "{}", state.error);
+    assert!(
+        state.error.contains("disk quota exceeded"),
+        "{}",
+        state.error
+    );
     assert!(state.log.contains("working"), "{}", state.log);
     assert_eq!(worker.stop().await, 0);
 }

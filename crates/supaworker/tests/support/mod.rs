@@ -25,15 +25,18 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
-        let emulator = Emulator::start(EmulatorOptions {
+        let start = Emulator::start(EmulatorOptions {
             realtime: RealtimeOptions::for_tests(),
             ..Default::default()
-        })
-        .await
-        .expect("the local Supabase stack starts (PostgreSQL server binaries are needed)");
-        let (db, connection) = tokio_postgres::connect(emulator.database_url(), tokio_postgres::NoTls)
+        });
+        let emulator = tokio::time::timeout(PATIENCE, start)
             .await
-            .expect("connect to the test database");
+            .expect("the local Supabase stack did not start within the hang guard")
+            .expect("the local Supabase stack starts (PostgreSQL server binaries are needed)");
+        let (db, connection) =
+            tokio_postgres::connect(emulator.database_url(), tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test database");
         tokio::spawn(connection);
         Stack { emulator, db }
     }
@@ -78,7 +81,10 @@ impl Stack {
                 return state;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("job {id} stayed {:?}, expected one of {statuses:?}: {state:?}", state.status);
+                panic!(
+                    "job {id} stayed {:?}, expected one of {statuses:?}: {state:?}",
+                    state.status
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

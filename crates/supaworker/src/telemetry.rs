@@ -8,9 +8,19 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Targets held at `info` or below whatever `RUST_LOG` asks: tungstenite logs the websocket
+/// handshake request at trace level, and its URL and `x-api-key` header carry the API key.
+const KEY_BEARING_TARGETS: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+
 /// Installs the global tracing subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in KEY_BEARING_TARGETS {
+        let directive = format!("{target}=info")
+            .parse()
+            .expect("directive is valid");
+        filter = filter.add_directive(directive);
+    }
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -1,6 +1,6 @@
 //! Test support for the Realtime tests: a throwaway PostgreSQL cluster shared by the tests
 //! of one test binary (one database per test, cloned from a template that has the schema),
-//! a started Realtime server on a loopback port, and a small websocket client.
+//! an emulator started on it, and a small websocket client.
 
 #![allow(dead_code)]
 
@@ -14,6 +14,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use supabase_emulator::auth::Keys;
 use supabase_emulator::realtime::{Realtime, RealtimeOptions};
+use supabase_emulator::{Emulator, EmulatorOptions};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -203,8 +204,9 @@ pub async fn connect(database_url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A Realtime server on a loopback port over a fresh database.
+/// A started emulator over a fresh database of the shared test cluster.
 pub struct TestServer {
+    pub emulator: Emulator,
     pub realtime: Realtime,
     pub keys: Arc<Keys>,
     pub address: std::net::SocketAddr,
@@ -219,28 +221,40 @@ impl TestServer {
 
     pub async fn start_with(options: RealtimeOptions) -> TestServer {
         let database_url = create_database().await;
-        let keys = Arc::new(Keys::new(JWT_SECRET));
-        let realtime = Realtime::start(&database_url, keys.clone(), options)
-            .await
-            .expect("start realtime");
-        let app = realtime
-            .router()
-            .nest("/realtime", realtime.control_router());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let address = listener.local_addr().expect("local address");
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("serve");
-        });
+        let emulator = Emulator::start(EmulatorOptions {
+            database_url: Some(database_url.clone()),
+            jwt_secret: JWT_SECRET.to_string(),
+            realtime: options,
+            ..EmulatorOptions::default()
+        })
+        .await
+        .expect("start emulator");
+        let address = emulator
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("emulator URL has a socket address");
         let db = connect(&database_url).await;
         TestServer {
-            realtime,
-            keys,
+            realtime: emulator.realtime().clone(),
+            keys: Arc::new(emulator.keys().clone()),
+            emulator,
             address,
             database_url,
             db,
         }
+    }
+
+    /// POSTs a JSON body to a Realtime control route such as `/faults/stall`.
+    pub async fn control(&self, route: &str, body: Value) {
+        let url = format!("{}/realtime{route}", self.emulator.control_url());
+        let response = reqwest::Client::new()
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .expect("control request");
+        assert_eq!(response.status().as_u16(), 204, "POST {url}");
     }
 
     pub fn url(&self, path_and_query: &str) -> String {

@@ -234,3 +234,38 @@ async fn socket_without_channels_is_dropped() {
         other => panic!("expected a drop without close frame, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn tenant_rejections_at_connect() {
+    let server = TestServer::start().await;
+    let url = server.url(&format!(
+        "/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+        server.keys.service_role_jwt
+    ));
+    let cases = [
+        ("tenant_not_found", 404, "Tenant not found"),
+        (
+            "tenant_disabled",
+            403,
+            "Realtime was disabled for this tenant",
+        ),
+        ("too_many_connected_users", 429, "Too many connected users"),
+        ("too_many_joins", 429, "Too many joins per second"),
+    ];
+    for (rejection, expected_status, text) in cases {
+        server
+            .control(
+                "/faults/connect-rejection",
+                json!({ "rejection": rejection }),
+            )
+            .await;
+        let (status, body) = rejected(url.clone().into_client_request().unwrap()).await;
+        assert_eq!(status, expected_status, "{rejection}");
+        assert_eq!(body, json!({ "error": text }), "{rejection}");
+    }
+    server
+        .control("/faults/connect-rejection", json!({ "rejection": null }))
+        .await;
+    let connected = tokio_tungstenite::connect_async(url).await;
+    assert!(connected.is_ok(), "{:?}", connected.err());
+}

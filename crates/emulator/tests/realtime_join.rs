@@ -307,3 +307,58 @@ async fn restarting_rejects_joins() {
     server.realtime.set_restarting(false);
     socket.join_ready("realtime:jobs", jobs_inserts()).await;
 }
+
+#[tokio::test]
+async fn tenant_join_rejections() {
+    let server = TestServer::start().await;
+    let cases = [
+        (
+            "too_many_joins",
+            "ClientJoinRateLimitReached: Too many joins per second",
+            Some(1001),
+        ),
+        (
+            "tenant_not_found",
+            "TenantNotFound: Tenant with the given ID does not exist",
+            Some(1001),
+        ),
+        (
+            "too_many_connected_users",
+            "ConnectionRateLimitReached: Too many connected users",
+            None,
+        ),
+        (
+            "database_unavailable",
+            "UnableToConnectToProject: Realtime was unable to connect to the project database",
+            None,
+        ),
+    ];
+    for (rejection, reason, close) in cases {
+        server
+            .control("/faults/join-rejection", json!({ "rejection": rejection }))
+            .await;
+        let mut socket = server.socket("2.0.0").await;
+        socket.join("realtime:jobs", jobs_inserts()).await;
+        let reply = socket.expect_event("phx_reply").await;
+        assert_eq!(reply.payload["status"], "error", "{rejection}");
+        assert_eq!(reply.payload["response"]["reason"], reason, "{rejection}");
+        match close {
+            Some(code) => assert_eq!(socket.expect_close().await, Some(code), "{rejection}"),
+            None => {
+                let frames = socket.frames_before_heartbeat_reply().await;
+                assert!(frames.is_empty(), "{rejection}: {frames:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn join_latency_is_configurable() {
+    let mut options = RealtimeOptions::for_tests();
+    options.join_delay = Duration::from_millis(300);
+    let server = TestServer::start_with(options).await;
+    let mut socket = server.socket("2.0.0").await;
+    let started = std::time::Instant::now();
+    socket.join_ready("realtime:jobs", jobs_inserts()).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{Realtime, RealtimeStats};
+use super::{ConnectRejection, JoinRejection, Realtime, RealtimeStats};
 
 pub(super) fn router(realtime: Realtime) -> Router {
     Router::new()
@@ -29,6 +29,8 @@ pub(super) fn router(realtime: Realtime) -> Router {
         .route("/faults/expire-tokens", post(expire_tokens))
         .route("/faults/transient-error", post(transient_error))
         .route("/faults/resubscribe", post(resubscribe))
+        .route("/faults/connect-rejection", post(connect_rejection))
+        .route("/faults/join-rejection", post(join_rejection))
         .with_state(realtime)
 }
 
@@ -170,5 +172,35 @@ async fn transient_error(
 
 async fn resubscribe(State(realtime): State<Realtime>) -> StatusCode {
     realtime.resubscribe_all();
+    StatusCode::NO_CONTENT
+}
+
+/// `{"rejection": "tenant_not_found"}`; `null` accepts connections again. Values:
+/// `tenant_not_found`, `tenant_disabled`, `too_many_connected_users`, `too_many_joins`.
+#[derive(Deserialize)]
+struct ConnectRejectionBody {
+    rejection: Option<ConnectRejection>,
+}
+
+async fn connect_rejection(
+    State(realtime): State<Realtime>,
+    Json(body): Json<ConnectRejectionBody>,
+) -> StatusCode {
+    realtime.set_connect_rejection(body.rejection);
+    StatusCode::NO_CONTENT
+}
+
+/// `{"rejection": "too_many_joins"}`; `null` accepts joins again. Values: `too_many_joins`,
+/// `tenant_not_found`, `too_many_connected_users`, `database_unavailable`.
+#[derive(Deserialize)]
+struct JoinRejectionBody {
+    rejection: Option<JoinRejection>,
+}
+
+async fn join_rejection(
+    State(realtime): State<Realtime>,
+    Json(body): Json<JoinRejectionBody>,
+) -> StatusCode {
+    realtime.set_join_rejection(body.rejection);
     StatusCode::NO_CONTENT
 }

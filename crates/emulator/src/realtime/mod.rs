@@ -112,9 +112,74 @@ struct Counters {
     events_dropped: AtomicU64,
 }
 
+/// A tenant-level rejection of new connections, answered before the websocket upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectRejection {
+    /// 404 `Tenant not found`.
+    TenantNotFound,
+    /// 403 `Realtime was disabled for this tenant`.
+    TenantDisabled,
+    /// 429 `Too many connected users`.
+    TooManyConnectedUsers,
+    /// 429 `Too many joins per second`.
+    TooManyJoins,
+}
+
+impl ConnectRejection {
+    /// The HTTP status and `error` text the real server sends.
+    pub fn response(self) -> (u16, &'static str) {
+        match self {
+            ConnectRejection::TenantNotFound => (404, "Tenant not found"),
+            ConnectRejection::TenantDisabled => (403, "Realtime was disabled for this tenant"),
+            ConnectRejection::TooManyConnectedUsers => (429, "Too many connected users"),
+            ConnectRejection::TooManyJoins => (429, "Too many joins per second"),
+        }
+    }
+}
+
+/// A tenant-level rejection of new joins, sent as an error join reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinRejection {
+    /// `ClientJoinRateLimitReached`, then the socket is closed with 1001.
+    TooManyJoins,
+    /// `TenantNotFound`, then the socket is closed with 1001.
+    TenantNotFound,
+    /// `ConnectionRateLimitReached: Too many connected users`.
+    TooManyConnectedUsers,
+    /// `UnableToConnectToProject`: the tenant database is unreachable.
+    DatabaseUnavailable,
+}
+
+impl JoinRejection {
+    /// The reply's `reason` and the close code that follows it, if any.
+    pub fn reason(self) -> (&'static str, Option<u16>) {
+        match self {
+            JoinRejection::TooManyJoins => (
+                "ClientJoinRateLimitReached: Too many joins per second",
+                Some(1001),
+            ),
+            JoinRejection::TenantNotFound => (
+                "TenantNotFound: Tenant with the given ID does not exist",
+                Some(1001),
+            ),
+            JoinRejection::TooManyConnectedUsers => {
+                ("ConnectionRateLimitReached: Too many connected users", None)
+            }
+            JoinRejection::DatabaseUnavailable => (
+                "UnableToConnectToProject: Realtime was unable to connect to the project database",
+                None,
+            ),
+        }
+    }
+}
+
 /// Fault switches read by the sockets and the dispatcher.
 #[derive(Default)]
 struct Faults {
+    connect_rejection: Mutex<Option<ConnectRejection>>,
+    join_rejection: Mutex<Option<JoinRejection>>,
     heartbeats_paused: AtomicBool,
     delivery_stalled: AtomicBool,
     rate_limited: AtomicBool,
@@ -329,6 +394,26 @@ impl Realtime {
             .faults
             .not_in_publication
             .store(missing, Ordering::Relaxed);
+    }
+
+    /// Rejects new connections with a tenant-level error (`Some`) or accepts them again.
+    pub fn set_connect_rejection(&self, rejection: Option<ConnectRejection>) {
+        *self
+            .shared
+            .faults
+            .connect_rejection
+            .lock()
+            .expect("fault lock") = rejection;
+    }
+
+    /// Rejects new joins with a tenant-level error (`Some`) or accepts them again.
+    pub fn set_join_rejection(&self, rejection: Option<JoinRejection>) {
+        *self
+            .shared
+            .faults
+            .join_rejection
+            .lock()
+            .expect("fault lock") = rejection;
     }
 
     /// Rejects later joins with `RealtimeRestarting` (`true`) or accepts them again.

@@ -57,6 +57,14 @@ async fn connect(
     let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
         return StatusCode::FORBIDDEN.into_response();
     };
+    let rejection = *shared.faults.connect_rejection.lock().expect("fault lock");
+    if let Some(rejection) = rejection {
+        let (status, message) = rejection.response();
+        tracing::info!(reason = %message, "realtime connect rejected by fault");
+        tokio::time::sleep(shared.options.connect_error_delay).await;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, Json(json!({ "error": message }))).into_response();
+    }
     let header_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let key = header_key.or(params.get("apikey").map(String::as_str));
     let verified = match key {
@@ -330,6 +338,22 @@ impl SocketTask {
         };
         let replaced = self.channels.contains_key(&topic);
         let channel_count = self.channels.len() - usize::from(replaced);
+        let fault = *self
+            .shared
+            .faults
+            .join_rejection
+            .lock()
+            .expect("fault lock");
+        if let Some(fault) = fault {
+            let (reason, close) = fault.reason();
+            tracing::info!(socket_id = self.id, %topic, %reason, "realtime join rejected by fault");
+            self.send_later(
+                self.shared.options.join_error_delay,
+                error_frame(reason),
+                close,
+            );
+            return Next::Continue;
+        }
         let rejection = if name.is_empty() {
             Some("TopicNameRequired: You must provide a topic name".to_string())
         } else if self.shared.faults.restarting.load(Ordering::Relaxed) {

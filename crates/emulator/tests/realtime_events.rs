@@ -390,3 +390,36 @@ async fn stats_count_sockets_and_events() {
     assert_eq!(stats.events_sent, 1);
     assert_eq!(stats.events_dropped, 0);
 }
+
+#[tokio::test]
+async fn capture_follows_subscriptions() {
+    let server = TestServer::start().await;
+    let wanted = || async {
+        let rows = server
+            .db
+            .query(
+                "SELECT relid::regclass::text, op FROM _emulator.wanted ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wanted().await.is_empty(),
+        "nothing is captured without subscribers"
+    );
+    let mut socket = server.socket("2.0.0").await;
+    socket.join_ready("realtime:jobs", jobs_inserts()).await;
+    assert_eq!(wanted().await, vec!["jobs INSERT"]);
+    let entries = json!([{"event": "*", "schema": "public", "table": "jobs"}]);
+    socket
+        .join_ready("realtime:all", join_payload(entries))
+        .await;
+    assert_eq!(
+        wanted().await,
+        vec!["jobs DELETE", "jobs INSERT", "jobs UPDATE"]
+    );
+}

@@ -29,7 +29,8 @@ impl EventFilter {
         }
     }
 
-    fn label(self) -> &'static str {
+    /// The operation name (`INSERT`, `UPDATE`, `DELETE`) or `*`.
+    pub fn label(self) -> &'static str {
         match self {
             EventFilter::All => "*",
             EventFilter::Insert => "INSERT",

@@ -7,6 +7,11 @@
 //! drops them when it rolls back, so subscribers see only committed rows. A change whose
 //! JSON does not fit in a notification (8000 bytes) is written to `_emulator.changes` and
 //! the notification carries `id:<n>`; the reader deletes that row when it reads it.
+//!
+//! The trigger records only the (table, operation) pairs listed in `_emulator.wanted`,
+//! which the server rewrites whenever its subscriptions change.
+// NOTE: two emulators serving the same database overwrite each other's `_emulator.wanted`,
+// so each may miss changes that only the other's subscribers need.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,12 +36,22 @@ CREATE TABLE IF NOT EXISTS _emulator.changes (
   id      bigserial PRIMARY KEY,
   payload jsonb NOT NULL
 );
+-- The (table, operation) pairs some channel subscribes to. The trigger skips all others,
+-- so writes nobody listens to do not pay for NOTIFY.
+CREATE TABLE IF NOT EXISTS _emulator.wanted (
+  relid oid  NOT NULL,
+  op    text NOT NULL,
+  PRIMARY KEY (relid, op)
+);
 CREATE OR REPLACE FUNCTION _emulator.capture_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
   change text;
   stored_id bigint;
 BEGIN
+  IF NOT EXISTS (SELECT 1 FROM _emulator.wanted WHERE relid = TG_RELID AND op = TG_OP) THEN
+    RETURN NULL;
+  END IF;
   -- `seq` keeps two equal changes of one transaction distinct, because Postgres folds
   -- identical notifications of a transaction into one.
   change := jsonb_build_object(
@@ -138,6 +153,38 @@ pub async fn ensure_triggers(client: &tokio_postgres::Client) -> Result<(), Capt
             .map_err(CaptureError::Install)?;
         tracing::info!(table = %table, "installed change capture trigger");
     }
+    Ok(())
+}
+
+/// Replaces the set of captured (table, operation) pairs. Each entry is `(schema, table,
+/// event)` from a binding, where `*` matches every published schema or table and every
+/// operation.
+pub async fn set_wanted(
+    client: &mut tokio_postgres::Client,
+    entries: &[(String, String, String)],
+) -> Result<(), CaptureError> {
+    let schemas: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    let tables: Vec<&str> = entries.iter().map(|e| e.1.as_str()).collect();
+    let events: Vec<&str> = entries.iter().map(|e| e.2.as_str()).collect();
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("DELETE FROM _emulator.wanted", &[])
+        .await?;
+    transaction
+        .execute(
+            "INSERT INTO _emulator.wanted (relid, op)
+             SELECT DISTINCT format('%I.%I', p.schemaname, p.tablename)::regclass::oid, o.op
+             FROM pg_publication_tables p
+             JOIN unnest($2::text[], $3::text[], $4::text[]) AS w(schema_name, table_name, event)
+               ON (w.schema_name = '*' OR w.schema_name = p.schemaname)
+              AND (w.table_name = '*' OR w.table_name = p.tablename)
+             CROSS JOIN LATERAL unnest(CASE WHEN w.event = '*'
+                 THEN ARRAY['INSERT', 'UPDATE', 'DELETE'] ELSE ARRAY[w.event] END) AS o(op)
+             WHERE p.pubname = $1",
+            &[&PUBLICATION, &schemas, &tables, &events],
+        )
+        .await?;
+    transaction.commit().await?;
     Ok(())
 }
 

@@ -242,9 +242,43 @@ struct Shared {
     faults: Faults,
     counters: Counters,
     shutdown: CancellationToken,
+    /// Serializes [`Shared::sync_capture`] so an older set never overwrites a newer one.
+    capture_sync: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
+    /// Makes the capture trigger record exactly the (table, operation) pairs that the
+    /// current subscriptions need.
+    async fn sync_capture(&self) {
+        let _guard = self.capture_sync.lock().await;
+        let mut entries: Vec<(String, String, String)> = self
+            .subscriptions
+            .read()
+            .expect("subscription registry lock")
+            .values()
+            .flat_map(|subscription| subscription.bindings.iter())
+            .map(|b| {
+                (
+                    b.schema.clone(),
+                    b.table.clone(),
+                    b.event.label().to_string(),
+                )
+            })
+            .collect();
+        entries.sort();
+        entries.dedup();
+        let result = match self.pool.get().await {
+            Ok(mut client) => {
+                let client: &mut tokio_postgres::Client = &mut client;
+                capture::set_wanted(client, &entries).await
+            }
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "failed to update the captured tables");
+        }
+    }
+
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -297,6 +331,7 @@ impl Realtime {
             let mut client = pool.get().await?;
             let client: &mut tokio_postgres::Client = &mut client;
             capture::install(client).await?;
+            capture::set_wanted(client, &[]).await?;
         }
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let (listen_client, listener) = capture::listen(&config, notify_tx).await?;
@@ -311,6 +346,7 @@ impl Realtime {
             faults: Faults::default(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),
+            capture_sync: tokio::sync::Mutex::new(()),
         });
         let dispatcher = shared.clone();
         tokio::spawn(async move {

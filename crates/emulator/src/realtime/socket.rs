@@ -599,24 +599,30 @@ impl SocketTask {
     fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
         let channel = self.channels.remove(topic)?;
         if let Some(id) = channel.subscription_id {
-            self.shared
-                .subscriptions
-                .write()
-                .expect("subscription registry lock")
-                .remove(&id);
+            self.drop_subscription(id);
         }
         Some(channel)
     }
 
+    /// Removes a subscription and narrows the capture trigger in the background. Changes
+    /// captured meanwhile match no subscription and are discarded.
+    fn drop_subscription(&self, id: u64) {
+        self.shared
+            .subscriptions
+            .write()
+            .expect("subscription registry lock")
+            .remove(&id);
+        let shared = self.shared.clone();
+        tokio::spawn(async move { shared.sync_capture().await });
+    }
+
     fn unsubscribe(&mut self, topic: &str) {
-        if let Some(channel) = self.channels.get_mut(topic) {
-            if let Some(id) = channel.subscription_id.take() {
-                self.shared
-                    .subscriptions
-                    .write()
-                    .expect("subscription registry lock")
-                    .remove(&id);
-            }
+        let id = self
+            .channels
+            .get_mut(topic)
+            .and_then(|channel| channel.subscription_id.take());
+        if let Some(id) = id {
+            self.drop_subscription(id);
         }
     }
 
@@ -684,6 +690,8 @@ impl SocketTask {
             .write()
             .expect("subscription registry lock")
             .insert(id, Arc::new(subscription));
+        // The trigger must capture this binding's changes before readiness is announced.
+        self.shared.sync_capture().await;
         self.push_postgres_system(websocket, topic, "ok", "Subscribed to PostgreSQL")
             .await
     }

@@ -119,7 +119,7 @@ pub(crate) async fn handle(
     respond(&request, &plan, result)
 }
 
-/// What a request needs besides the query string.
+/// Request data the handler keeps besides the query string.
 struct RequestContext {
     table_name: String,
     method: Method,
@@ -157,10 +157,7 @@ struct QueryResult {
     body: Option<String>,
 }
 
-fn header_str<'a>(
-    headers: &'a HeaderMap,
-    name: impl axum::http::header::AsHeaderName,
-) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -421,12 +418,15 @@ fn empty_mutation(
 fn map_db_error(error: &tokio_postgres::Error, session: &Session) -> ApiError {
     match error.as_db_error() {
         Some(db) => ApiError::from_db(db, session.is_anonymous()),
-        None => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "PGRST000",
-            "Database connection error. Retrying the connection.",
-        )
-        .details(error.to_string()),
+        None => {
+            tracing::warn!(%error, role = %session.role, "database connection failed during a request");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PGRST000",
+                "Database connection error. Retrying the connection.",
+            )
+            .details(error.to_string())
+        }
     }
 }
 
@@ -562,7 +562,7 @@ fn respond(request: &RequestContext, plan: &Plan, result: QueryResult) -> Respon
 
     let status = match request.method {
         Method::POST => StatusCode::CREATED,
-        _ if !reading && !(prefs.representation == Some(true) || plan.singular) => {
+        _ if !(reading || prefs.representation == Some(true) || plan.singular) => {
             StatusCode::NO_CONTENT
         }
         _ => match total {

@@ -38,16 +38,16 @@ pub enum HealthError {
     },
 }
 
-/// What the readiness check reads.
+/// Inputs of the readiness check.
 #[derive(Debug, Clone)]
 pub struct Readiness {
     pub realtime_enabled: bool,
-    /// How old the last successful sweep may be for the worker to count as ready.
+    /// Maximum age of the last successful sweep for the worker to count as ready.
     pub sweep_window: Duration,
 }
 
 impl Readiness {
-    /// The readiness rules for `config`.
+    /// Builds the readiness rules for `config`.
     pub fn for_config(config: &Config) -> Readiness {
         Readiness {
             realtime_enabled: config.realtime_enabled,

@@ -236,7 +236,7 @@ fn log_finished(
         action,
         attempt = %attempt,
         duration_ms = started.elapsed().as_millis() as u64,
-        outcome = ?end,
+        outcome = crate::metrics::outcome_label(end),
         exit,
         "job finished"
     );

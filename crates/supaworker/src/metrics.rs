@@ -3,8 +3,8 @@
 //! atomic counters into the registry at scrape time.
 //!
 //! The calls go through the `metrics` facade, so they cost nothing when no recorder is
-//! installed (no `SUPAWORKER_HEALTH_ADDR`). Per-action labels use the action table's names;
-//! a job whose action is not in the table is counted under `action="unknown"`, so a bad row
+//! installed (no `SUPAWORKER_HEALTH_ADDR`). Per-action labels use the action table's names.
+//! A job whose action is not in the table is counted under `action="unknown"`, so a bad row
 //! cannot add label values without bound.
 
 use std::sync::atomic::Ordering;
@@ -103,6 +103,7 @@ fn describe() {
         "Jobs left running by a stopped worker that this worker finished; outcome is failed or requeued."
     );
     describe_gauge!(JOBS_RUNNING, Unit::Count, "Jobs running on this worker.");
+
     describe_histogram!(
         JOB_RUN_DURATION,
         Unit::Seconds,
@@ -113,6 +114,7 @@ fn describe() {
         Unit::Seconds,
         "Time from a job's created_at to its claim, on the database's and this machine's clocks."
     );
+
     describe_counter!(
         REST_REQUESTS,
         Unit::Count,
@@ -123,6 +125,7 @@ fn describe() {
         Unit::Count,
         "PostgREST requests that failed; class is transient, ambiguous, auth, schema or rejected."
     );
+
     describe_gauge!(
         REALTIME_CONNECTED,
         "1 while the Realtime websocket is open."
@@ -166,6 +169,7 @@ fn describe() {
         Unit::Count,
         "Change events dropped because the hint queue was full; the sweep finds those jobs."
     );
+
     describe_counter!(SWEEPS, Unit::Count, "Sweeps of pending jobs started.");
     describe_counter!(
         SWEEP_ERRORS,
@@ -180,7 +184,7 @@ fn describe() {
     describe_counter!(CLAIMS_LOST, Unit::Count, "Claims another worker won.");
 }
 
-/// The label value for `action`: its name when the action table has it, else `unknown`.
+/// Returns the label value for `action`: its name when the action table has it, else `unknown`.
 fn action_label(actions: &ActionTable, action: &str) -> String {
     match actions.get(action) {
         Some(known) => known.name.clone(),
@@ -188,7 +192,7 @@ fn action_label(actions: &ActionTable, action: &str) -> String {
     }
 }
 
-/// The `outcome` label of a job end.
+/// Returns the `outcome` label of a job end.
 pub fn outcome_label(end: JobEnd) -> &'static str {
     match end {
         JobEnd::Succeeded => "succeeded",

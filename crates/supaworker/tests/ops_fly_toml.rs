@@ -20,7 +20,7 @@ fn fly_toml() -> toml::Table {
         .expect("fly.toml is valid TOML")
 }
 
-/// The default drain period and kill grace, as the worker computes them.
+/// Computes the default drain period plus kill grace, as the worker's configuration sets them.
 fn default_shutdown_budget() -> Duration {
     let config = config::from_lookup(|name| match name {
         "SUPABASE_URL" => Some("https://abcd.supabase.co".into()),
@@ -32,7 +32,7 @@ fn default_shutdown_budget() -> Duration {
     config.drain_period + config.kill_grace
 }
 
-/// The `[[NAME]]` entries that apply to the worker group.
+/// Selects the `[[NAME]]` entries that apply to the worker group.
 fn worker_entries<'a>(fly: &'a toml::Table, name: &str) -> Vec<&'a toml::Table> {
     fly.get(name)
         .and_then(toml::Value::as_array)

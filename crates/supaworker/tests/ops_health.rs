@@ -38,7 +38,7 @@ fn env(stack: &Stack, scripts: &Scripts) -> HashMap<String, String> {
     env
 }
 
-/// The endpoint's base URL, from the worker's `health endpoint listening` line.
+/// Reads the endpoint's base URL from the worker's `health endpoint listening` line.
 async fn health_url(worker: &WorkerProcess) -> String {
     let event = worker.wait_event("health endpoint listening").await;
     let addr = event["addr"].as_str().expect("addr field").to_string();
@@ -91,7 +91,7 @@ fn parse_samples(text: &str) -> Vec<Sample> {
     samples
 }
 
-/// The value of the sample `name` with exactly `labels`, or `None`.
+/// Finds the value of the sample `name` with exactly `labels`.
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
@@ -270,8 +270,8 @@ async fn readyz_follows_stack_outage() {
     let body = wait_ready(&client, &base, 200).await;
     assert_eq!(body["ready"], true, "{body}");
 
-    // Both Realtime and the sweep fail while the stack is down; the outage lasts far
-    // longer than the readiness window, so the endpoint must see it.
+    // Both Realtime and the sweep fail while the stack is down. The outage lasts far longer
+    // than the readiness window, so the endpoint must report it.
     let outage = stack.emulator.restart(Duration::from_secs(20));
     let watch = async {
         let body = wait_ready(&client, &base, 503).await;

@@ -1,6 +1,6 @@
-//! The worker's log output against the local Supabase stack: the start-up line carries the
-//! configuration, each job gets a `job claimed` and a `job finished` line with the fixed
-//! fields, and no secret ever appears in the output, the job rows or `/metrics`.
+//! The worker's log output against the local Supabase stack. The start-up line carries the
+//! configuration, and each job gets a `job claimed` and a `job finished` line with the fixed
+//! fields. No secret appears in the output, the job rows or `/metrics`.
 
 mod support;
 
@@ -37,7 +37,7 @@ fn env(stack: &Stack, scripts: &Scripts, key: &str) -> HashMap<String, String> {
         scripts.path().join("actions.toml").display().to_string(),
     );
     env.insert("SUPAWORKER_HEALTH_ADDR".into(), "127.0.0.1:0".into());
-    // The most verbose level, so every line the worker can write is checked.
+    // The trace level, so every line the worker and its libraries can write is checked.
     env.insert("RUST_LOG".into(), "trace".into());
     env
 }
@@ -79,7 +79,7 @@ async fn secrets_never_logged() {
     assert_eq!(finished["action"], "leaky", "{finished}");
     assert_eq!(finished["attempt"], claimed["attempt"], "{finished}");
     assert!(finished["duration_ms"].is_u64(), "{finished}");
-    assert_eq!(finished["outcome"], "Failed", "{finished}");
+    assert_eq!(finished["outcome"], "failed", "{finished}");
 
     let lines = worker.lines.clone();
     assert_eq!(worker.stop().await, 0);
@@ -106,7 +106,7 @@ async fn secrets_never_logged() {
     assert!(state.log.contains("token="), "{}", state.log);
 }
 
-/// Every line the worker wrote, as text.
+/// Joins every line the worker wrote into one text.
 fn dump(lines: &Arc<Mutex<Vec<Value>>>) -> String {
     let lines = lines.lock().unwrap();
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();

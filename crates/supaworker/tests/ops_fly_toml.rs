@@ -194,8 +194,8 @@ fn dockerfile_runs_as_fixed_uid() {
     let dockerfile = workspace_file("Dockerfile");
     let user = dockerfile
         .lines()
-        .filter_map(|line| line.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|line| line.strip_prefix("USER "))
         .expect("USER exists");
     let uid: u32 = user
         .split(':')

@@ -48,6 +48,8 @@ pub struct Readiness {
 
 impl Readiness {
     /// Builds the readiness rules for `config`.
+    // NOTE: the dispatcher sweeps only while a slot is free, so a worker without Realtime
+    // whose slots are all busy with long jobs reports unready until a slot frees up.
     pub fn for_config(config: &Config) -> Readiness {
         Readiness {
             realtime_enabled: config.realtime_enabled,

@@ -18,10 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, JobContext, JobEnd};
 use crate::postgrest::{Attempt, Claim, JobId, PendingJob, RestError};
-use crate::realtime::Hint;
+use crate::realtime::{Hint, RealtimeStats};
 
 /// Upper bound of hinted ids remembered to attribute claims to Realtime.
 const HINT_MEMORY: usize = 10_000;
+
+/// Time a committed job may wait for its Realtime event before a sweep that claims it
+/// counts it as missed by Realtime. It covers the event's normal latency, so a sweep that
+/// wins the race against the event is not a miss.
+const HINT_GRACE: Duration = Duration::from_secs(2);
 
 /// Dispatcher counters for telemetry and tests.
 #[derive(Debug, Default)]
@@ -32,7 +37,8 @@ pub struct DispatchStats {
     pub claims_lost: AtomicU64,
     pub claimed_via_realtime: AtomicU64,
     pub claimed_via_sweep: AtomicU64,
-    /// Jobs a sweep claimed that Realtime never announced while the channel was live.
+    /// Jobs a sweep claimed that Realtime never announced although the channel was live
+    /// from their insert until the claim (see [`missed_by_realtime`]).
     pub missed_by_realtime: AtomicU64,
     /// Unix time in milliseconds when the last sweep succeeded; 0 before the first.
     pub last_sweep_ok_unix_ms: AtomicU64,
@@ -59,6 +65,9 @@ pub struct Dispatcher {
     pub hints: mpsc::Receiver<Hint>,
     pub ready: watch::Receiver<u64>,
     pub stats: Arc<DispatchStats>,
+    /// The Realtime client's state, read to tell a job Realtime missed from one inserted
+    /// while the channel was down.
+    pub realtime: Arc<RealtimeStats>,
     /// Cancelled on the first shutdown signal: stop sweeping and claiming.
     pub stop_claiming: CancellationToken,
     /// Cancelled when running jobs must be stopped (drain over or second signal).
@@ -75,7 +84,8 @@ struct State {
     sweep_in_flight: bool,
     sweep_wanted: bool,
     last_page_full: bool,
-    last_ready: Option<Instant>,
+    /// `RealtimeStats::hints_dropped` when the last readiness message arrived.
+    hints_dropped_at_ready: u64,
 }
 
 impl Dispatcher {
@@ -94,7 +104,7 @@ impl Dispatcher {
             sweep_in_flight: false,
             sweep_wanted: true,
             last_page_full: false,
-            last_ready: None,
+            hints_dropped_at_ready: 0,
         };
         let mut sweep_timer = Box::pin(tokio::time::sleep(jittered(config.sweep_interval)));
         let mut hints_open = true;
@@ -125,7 +135,8 @@ impl Dispatcher {
                 },
                 changed = self.ready.changed(), if ready_open && claiming => match changed {
                     Ok(()) => {
-                        state.last_ready = Some(Instant::now());
+                        state.hints_dropped_at_ready =
+                            self.realtime.hints_dropped.load(Ordering::Relaxed);
                         state.sweep_wanted = true;
                     }
                     Err(_) => ready_open = false,
@@ -191,9 +202,7 @@ impl Dispatcher {
                 .entry(candidate.action.clone())
                 .or_default() += 1;
             let via_realtime = state.hinted.contains(&id);
-            let missed = !via_realtime
-                && state.last_ready.is_some()
-                && created_before(&candidate, Duration::from_secs(2));
+            let missed = !via_realtime && missed_by_realtime(&self.realtime, state, &candidate);
             tasks.spawn(claim_and_run(
                 self.ctx.clone(),
                 self.stats.clone(),
@@ -273,7 +282,21 @@ fn remember_hint(state: &mut State, id: JobId) {
     }
 }
 
-fn created_before(job: &PendingJob, age: Duration) -> bool {
+/// Decides whether an unhinted job that a sweep is about to claim is one Realtime should
+/// have announced: the channel is live now, the job was inserted after the last readiness
+/// message (so the channel has been live since the insert, because every rejoin ends with a
+/// new readiness message), its event is more than [`HINT_GRACE`] overdue, and no hint was
+/// dropped from the full queue since that readiness message (a dropped hint is not a miss).
+///
+/// NOTE: `created_at` comes from the database clock and the readiness time from the
+/// worker's clock; skew between the two shifts the boundary by that much.
+fn missed_by_realtime(realtime: &RealtimeStats, state: &State, job: &PendingJob) -> bool {
+    if !realtime.live.load(Ordering::Relaxed) {
+        return false;
+    }
+    if realtime.hints_dropped.load(Ordering::Relaxed) != state.hints_dropped_at_ready {
+        return false;
+    }
     let Some(created) = job
         .created_at
         .as_deref()
@@ -281,8 +304,10 @@ fn created_before(job: &PendingJob, age: Duration) -> bool {
     else {
         return false;
     };
-    let now = time::OffsetDateTime::now_utc();
-    (now - created) > age
+    let created_ms = created.unix_timestamp_nanos() / 1_000_000;
+    let ready_ms = i128::from(realtime.last_readiness_unix_ms.load(Ordering::Relaxed));
+    let overdue = time::OffsetDateTime::now_utc() - created > HINT_GRACE;
+    created_ms > ready_ms && overdue
 }
 
 /// The sweep interval with up to 10% jitter, so instances do not sweep in step.
@@ -343,9 +368,11 @@ async fn claim_and_run(
         if before == 0 {
             tracing::warn!(
                 job_id = %id,
-                "sweep found a pending job that Realtime never announced; live delivery is missing events \
-                 (likely causes: jobs not in the supabase_realtime publication, a reconnect gap, \
-                 server-side rate limiting); the sweep keeps jobs running"
+                likely_causes = "the tenant's event rate limit, a change-capture restart without a new \
+                                 readiness message, a dead connection not yet detected, or row level \
+                                 security hiding the row from the key's role",
+                "sweep found a pending job that Realtime never announced although the channel was live; \
+                 the sweep keeps jobs running, but later than Realtime would"
             );
         }
     }

@@ -131,6 +131,7 @@ pub async fn run(config: Config, shutdown: Shutdown, stats: WorkerStats) -> i32 
         hints: hint_rx,
         ready: ready_rx,
         stats: stats.dispatch.clone(),
+        realtime: stats.realtime.clone(),
         stop_claiming: shutdown.stop_claiming.clone(),
         interrupt: shutdown.interrupt.clone(),
     };

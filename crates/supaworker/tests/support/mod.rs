@@ -254,3 +254,163 @@ impl Scripts {
             .collect()
     }
 }
+
+/// Messages the Realtime client logs when a `Subscribed to PostgreSQL` message arrives: the
+/// first on a join, and a repeated one on a channel that was already live.
+pub const READINESS_MESSAGES: [&str; 2] = [
+    "Realtime subscription live",
+    "Realtime subscription re-created; changes may have been missed",
+];
+
+impl WorkerProcess {
+    /// Readiness messages logged so far.
+    pub fn readiness_count(&self) -> usize {
+        READINESS_MESSAGES
+            .iter()
+            .map(|message| self.events(message).len())
+            .sum()
+    }
+
+    /// Waits until more than `previous` readiness messages were logged, and returns the count.
+    pub async fn wait_readiness_after(&self, previous: usize) -> usize {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let count = self.readiness_count();
+            if count > previous {
+                return count;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "no readiness message after the first {previous}; log:\n{}",
+                    self.dump()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `via` field (`realtime` or `sweep`) of every `job claimed` line for job `id`.
+    pub fn claims_of(&self, id: i64) -> Vec<String> {
+        let id = id.to_string();
+        self.events("job claimed")
+            .iter()
+            .filter(|event| event["job_id"].as_str() == Some(id.as_str()))
+            .map(|event| event["via"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// Base URL of the health endpoint, from the `health endpoint listening` line. The worker
+    /// needs `SUPAWORKER_HEALTH_ADDR`, e.g. `127.0.0.1:0`.
+    pub async fn health_url(&self) -> String {
+        let event = self.wait_event("health endpoint listening").await;
+        let addr = event["addr"].as_str().expect("addr field").to_string();
+        format!("http://{addr}")
+    }
+
+    /// Resident set size of the worker process in KiB, from `/proc/PID/status`.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+/// Reads the value of the unlabelled counter or gauge `name` from `/metrics` at `base`.
+pub async fn scrape_metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            (series == name).then(|| value.parse().expect("sample value is a number"))
+        })
+        .unwrap_or(0.0)
+}
+
+impl Stack {
+    /// Inserts `count` pending jobs of `action` with an empty payload and returns their ids.
+    pub async fn insert_many(&self, action: &str, count: usize) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            ids.push(self.insert(action, serde_json::json!({})).await);
+        }
+        ids
+    }
+
+    /// Waits until every job in `ids` has left `pending` and `running`, for at most `guard`.
+    /// Panics with the stragglers when the guard runs out.
+    pub async fn wait_finished(&self, ids: &[i64], guard: Duration) {
+        let deadline = tokio::time::Instant::now() + guard;
+        loop {
+            let rows = self
+                .db
+                .query(
+                    "select id, status from jobs where id = any($1) and status in ('pending', 'running')",
+                    &[&ids],
+                )
+                .await
+                .expect("read unfinished jobs");
+            if rows.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let stragglers: Vec<(i64, String)> =
+                    rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+                panic!(
+                    "{} of {} jobs unfinished after {guard:?}: {stragglers:?}",
+                    stragglers.len(),
+                    ids.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ids among `ids` whose status is not `success`, with their status and error.
+    pub async fn not_successful(&self, ids: &[i64]) -> Vec<(i64, String, String)> {
+        self.db
+            .query(
+                "select id, status, coalesce(error, '') from jobs where id = any($1) and status <> 'success' order by id",
+                &[&ids],
+            )
+            .await
+            .expect("read jobs")
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+}
+
+/// Checks that `runs` (one job id per run, as the recording scripts write them) lists every
+/// id in `ids` exactly once and nothing else.
+pub fn assert_each_ran_once(runs: &[String], ids: &[i64]) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for run in runs {
+        *counts.entry(run.as_str()).or_default() += 1;
+    }
+    let twice: Vec<(&str, usize)> = counts
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .map(|(id, count)| (*id, *count))
+        .collect();
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let never: Vec<&String> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(never.is_empty(), "jobs never run: {never:?}");
+    assert_eq!(
+        runs.len(),
+        ids.len(),
+        "runs of jobs that were not inserted by the test"
+    );
+}

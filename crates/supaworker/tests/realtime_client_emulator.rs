@@ -121,8 +121,7 @@ impl Harness {
             tokio::time::timeout(HANG_GUARD, self.ready.wait_for(|count| *count > previous))
                 .await
                 .unwrap_or_else(|_| panic!("{step}: no readiness after count {previous}"));
-        let count = *changed.expect("ready sender alive");
-        count
+        *changed.expect("ready sender alive")
     }
 
     async fn insert_job(&self) -> i64 {

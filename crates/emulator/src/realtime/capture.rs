@@ -6,7 +6,7 @@
 //! Postgres delivers notifications when the transaction commits, in commit order, and
 //! drops them when it rolls back, so subscribers see only committed rows. A change whose
 //! JSON does not fit in a notification (8000 bytes) is written to `_emulator.changes` and
-//! the notification carries `id:<n>`; the reader deletes that row when it reads it.
+//! the notification carries `id:<n>`. The reader deletes that row when it reads it.
 //!
 //! The trigger records only the (table, operation) pairs listed in `_emulator.wanted`,
 //! which the server rewrites whenever its subscriptions change.

@@ -325,7 +325,7 @@ pub struct TestSocket {
     next_ref: u64,
 }
 
-/// The join payload realtime-js sends for one postgres_changes binding list.
+/// Builds the join payload realtime-js sends for one postgres_changes binding list.
 pub fn join_payload(postgres_changes: Value) -> Value {
     json!({
         "config": {
@@ -473,7 +473,7 @@ impl TestSocket {
     }
 }
 
-/// The standard one-binding join: INSERTs on public.jobs.
+/// Builds the standard one-binding join: INSERTs on public.jobs.
 pub fn jobs_inserts() -> Value {
     join_payload(json!([{"event": "INSERT", "schema": "public", "table": "jobs"}]))
 }

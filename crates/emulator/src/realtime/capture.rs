@@ -253,15 +253,20 @@ pub async fn read_change(
     }))
 }
 
-/// A cache of [`TableMeta`] per `(schema, table)`.
-// NOTE: entries are never refreshed, so columns added after the first event of a table are
-// missing from `columns` (they still appear in `record`).
+/// A cache of [`TableMeta`] per `(schema, table)`, emptied whenever a channel subscribes.
+// NOTE: between subscriptions entries are not refreshed, so a column, key or replica
+// identity change shows in events only after the next subscription.
 #[derive(Default)]
 pub struct TableCache {
     tables: Mutex<HashMap<(String, String), TableMeta>>,
 }
 
 impl TableCache {
+    /// Forgets every entry, so the next event of each table reads the catalog again.
+    pub fn clear(&self) {
+        self.tables.lock().expect("table cache lock").clear();
+    }
+
     /// Returns the metadata of `schema.table`, reading the catalog on first use.
     pub async fn get(
         &self,

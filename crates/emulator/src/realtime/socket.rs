@@ -659,6 +659,7 @@ impl SocketTask {
                 .push_postgres_system(websocket, topic, "error", &error)
                 .await;
         }
+        self.shared.tables.clear();
         let check = check_bindings(&self.shared, &channel.bindings).await;
         let bypass_rls = match check {
             Ok(()) => role_bypasses_rls(&self.shared, channel.claims.role.as_deref()).await,

@@ -423,3 +423,49 @@ async fn capture_follows_subscriptions() {
         vec!["jobs DELETE", "jobs INSERT", "jobs UPDATE"]
     );
 }
+
+#[tokio::test]
+async fn delete_filters_need_full_identity() {
+    let server = TestServer::start().await;
+    let mut socket = server.socket("2.0.0").await;
+    let entries = json!([
+        {"event": "DELETE", "schema": "public", "table": "jobs", "filter": "action=eq.gone"},
+        {"event": "INSERT", "schema": "public", "table": "jobs", "filter": "action=eq.barrier"}
+    ]);
+    socket
+        .join_ready("realtime:deletes", join_payload(entries))
+        .await;
+    let first = server.insert_job("gone").await;
+    // Default replica identity: the old row has only the key, so the filter cannot match.
+    server
+        .db
+        .execute("DELETE FROM public.jobs WHERE id = $1", &[&first])
+        .await
+        .unwrap();
+    server.insert_job("barrier").await;
+    let event = next_event(&mut socket).await;
+    assert_eq!(event.payload["data"]["type"], "INSERT");
+
+    let server = TestServer::start().await;
+    server
+        .db
+        .batch_execute("ALTER TABLE public.jobs REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    let mut socket = server.socket("2.0.0").await;
+    let entries = json!([
+        {"event": "DELETE", "schema": "public", "table": "jobs", "filter": "action=eq.gone"}
+    ]);
+    socket
+        .join_ready("realtime:deletes", join_payload(entries))
+        .await;
+    let second = server.insert_job("gone").await;
+    server
+        .db
+        .execute("DELETE FROM public.jobs WHERE id = $1", &[&second])
+        .await
+        .unwrap();
+    let event = next_event(&mut socket).await;
+    assert_eq!(event.payload["data"]["type"], "DELETE");
+    assert_eq!(event.payload["data"]["old_record"], json!({"id": second}));
+}

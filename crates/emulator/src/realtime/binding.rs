@@ -29,7 +29,7 @@ impl EventFilter {
         }
     }
 
-    /// The operation name (`INSERT`, `UPDATE`, `DELETE`) or `*`.
+    /// Returns the operation name (`INSERT`, `UPDATE`, `DELETE`) or `*`.
     pub fn label(self) -> &'static str {
         match self {
             EventFilter::All => "*",
@@ -79,7 +79,8 @@ pub struct Binding {
     pub filter: Option<Filter>,
 }
 
-/// Why a binding cannot be subscribed. Each variant's text is the `system` error message.
+/// A reason a binding cannot be subscribed. Each variant's text is the `system` error
+/// message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BindingError {
     #[error("No subscription params provided. Please provide at least a `schema` or `table` to subscribe to.")]

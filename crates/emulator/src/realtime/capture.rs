@@ -6,7 +6,7 @@
 //! Postgres delivers notifications when the transaction commits, in commit order, and
 //! drops them when it rolls back, so subscribers see only committed rows. A change whose
 //! JSON does not fit in a notification (8000 bytes) is written to `_emulator.changes` and
-//! the notification carries `id:<n>`; the reader deletes that row when it reads it.
+//! the notification carries `id:<n>`. The reader deletes that row when it reads it.
 //!
 //! The trigger records only the (table, operation) pairs listed in `_emulator.wanted`,
 //! which the server rewrites whenever its subscriptions change.
@@ -253,15 +253,20 @@ pub async fn read_change(
     }))
 }
 
-/// A cache of [`TableMeta`] per `(schema, table)`.
-// NOTE: entries are never refreshed, so columns added after the first event of a table are
-// missing from `columns` (they still appear in `record`).
+/// A cache of [`TableMeta`] per `(schema, table)`, emptied whenever a channel subscribes.
+// NOTE: between subscriptions entries are not refreshed, so a column, key or replica
+// identity change shows in events only after the next subscription.
 #[derive(Default)]
 pub struct TableCache {
     tables: Mutex<HashMap<(String, String), TableMeta>>,
 }
 
 impl TableCache {
+    /// Forgets every entry, so the next event of each table reads the catalog again.
+    pub fn clear(&self) {
+        self.tables.lock().expect("table cache lock").clear();
+    }
+
     /// Returns the metadata of `schema.table`, reading the catalog on first use.
     pub async fn get(
         &self,

@@ -1,5 +1,5 @@
 //! JSON routes that trigger Realtime faults and read its counters. Every fault route is a
-//! `POST` with a JSON body and answers `204 No Content`; `GET /stats` returns the counters.
+//! `POST` with a JSON body and returns `204 No Content`; `GET /stats` returns the counters.
 
 use std::time::Duration;
 

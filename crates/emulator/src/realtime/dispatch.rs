@@ -34,11 +34,6 @@ pub(super) async fn run(shared: Arc<Shared>, mut notifications: mpsc::UnboundedR
 }
 
 async fn dispatch(shared: &Shared, change: Change) {
-    let row = if change.change_type == "DELETE" {
-        change.old_record.clone().unwrap_or(Value::Null)
-    } else {
-        change.record.clone().unwrap_or(Value::Null)
-    };
     let subscriptions: Vec<Arc<Subscription>> = shared
         .subscriptions
         .read()
@@ -46,6 +41,33 @@ async fn dispatch(shared: &Shared, change: Change) {
         .values()
         .cloned()
         .collect();
+    if subscriptions.is_empty() {
+        return;
+    }
+    let meta = match shared
+        .tables
+        .get(&shared.pool, &change.schema, &change.table)
+        .await
+    {
+        Ok(meta) => meta,
+        Err(error) => {
+            tracing::error!(%error, schema = %change.schema, table = %change.table,
+                "failed to read table metadata; change dropped");
+            return;
+        }
+    };
+    // Filters see what the WAL carries: for a DELETE without REPLICA IDENTITY FULL that is
+    // only the primary key.
+    let row = if change.change_type == "DELETE" {
+        let old = change.old_record.clone().unwrap_or(Value::Null);
+        if meta.replica_identity_full {
+            old
+        } else {
+            keep_columns(&old, &meta.primary_key)
+        }
+    } else {
+        change.record.clone().unwrap_or(Value::Null)
+    };
     let mut targets: Vec<(Arc<Subscription>, Vec<u32>)> = Vec::new();
     for subscription in subscriptions {
         let ids: Vec<u32> = subscription
@@ -68,18 +90,6 @@ async fn dispatch(shared: &Shared, change: Change) {
             .fetch_add(targets.len() as u64, Ordering::Relaxed);
         return;
     }
-    let meta = match shared
-        .tables
-        .get(&shared.pool, &change.schema, &change.table)
-        .await
-    {
-        Ok(meta) => meta,
-        Err(error) => {
-            tracing::error!(%error, schema = %change.schema, table = %change.table,
-                "failed to read table metadata; change dropped");
-            return;
-        }
-    };
     let data = build_data(&change, &meta, shared.options.max_record_bytes);
     let mut visibility: HashMap<(String, String), bool> = HashMap::new();
     for (subscription, ids) in targets {

@@ -112,7 +112,7 @@ struct Counters {
     events_dropped: AtomicU64,
 }
 
-/// A tenant-level rejection of new connections, answered before the websocket upgrade.
+/// A tenant-level rejection of new connections, sent before the websocket upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectRejection {
@@ -127,7 +127,7 @@ pub enum ConnectRejection {
 }
 
 impl ConnectRejection {
-    /// The HTTP status and `error` text the real server sends.
+    /// Returns the HTTP status and `error` text the real server sends.
     pub fn response(self) -> (u16, &'static str) {
         match self {
             ConnectRejection::TenantNotFound => (404, "Tenant not found"),
@@ -153,7 +153,7 @@ pub enum JoinRejection {
 }
 
 impl JoinRejection {
-    /// The reply's `reason` and the close code that follows it, if any.
+    /// Returns the reply's `reason` and the close code that follows it, if any.
     pub fn reason(self) -> (&'static str, Option<u16>) {
         match self {
             JoinRejection::TooManyJoins => (
@@ -358,7 +358,7 @@ impl Realtime {
         Ok(Realtime { shared })
     }
 
-    /// The websocket routes `/realtime/v1/websocket` and `/socket/websocket`.
+    /// Builds the websocket routes `/realtime/v1/websocket` and `/socket/websocket`.
     pub fn router(&self) -> axum::Router {
         socket::router(self.shared.clone())
     }
@@ -380,7 +380,7 @@ impl Realtime {
         self.shared.broadcast(Control::ServerDisconnect);
     }
 
-    /// Stops (`true`) or resumes answering heartbeats; the TCP connection stays open.
+    /// Stops (`true`) or resumes heartbeat replies. The TCP connection stays open.
     pub fn pause_heartbeats(&self, paused: bool) {
         self.shared
             .faults

@@ -114,12 +114,12 @@ pub fn encode(
     value.to_string()
 }
 
-/// The payload of an ok reply.
+/// Builds the payload of an ok reply.
 pub fn ok_reply(response: Value) -> Value {
     json!({"status": "ok", "response": response})
 }
 
-/// The payload of an error reply with a `reason`.
+/// Builds the payload of an error reply with a `reason`.
 pub fn error_reply(reason: &str) -> Value {
     json!({"status": "error", "response": {"reason": reason}})
 }

@@ -36,7 +36,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 
 /// Replaces an opaque `sb_secret_…`/`sb_publishable_…` key of this emulator with the
 /// matching service_role/anon JWT. The Supabase API gateway (Kong) does this before a
-/// request reaches Realtime, which itself only accepts JWTs; unknown `sb_` keys pass
+/// request reaches Realtime, which itself only accepts JWTs. Unknown `sb_` keys pass
 /// through and fail as malformed JWTs.
 fn gateway_swap(shared: &Shared, key: &str) -> String {
     if key == shared.keys.secret_key {
@@ -124,7 +124,7 @@ struct SocketTask {
     events_rx: mpsc::Receiver<String>,
 }
 
-/// What the socket loop does after handling one input.
+/// The socket loop's next step after handling one input.
 enum Next {
     Continue,
     Close(Option<u16>),
@@ -260,7 +260,7 @@ impl SocketTask {
         let text = match message {
             Message::Text(text) => text,
             Message::Close(_) => return Next::Close(None),
-            // Binary frames carry broadcast features only; pings are answered by axum.
+            // Binary frames carry broadcast features only, and axum replies to pings itself.
             _ => return Next::Continue,
         };
         let Some(frame) = protocol::decode(self.vsn, text.as_str()) else {
@@ -659,6 +659,7 @@ impl SocketTask {
                 .push_postgres_system(websocket, topic, "error", &error)
                 .await;
         }
+        self.shared.tables.clear();
         let check = check_bindings(&self.shared, &channel.bindings).await;
         let bypass_rls = match check {
             Ok(()) => role_bypasses_rls(&self.shared, channel.claims.role.as_deref()).await,

@@ -2,9 +2,9 @@
 // the first failed check. Reads SUPABASE_URL, SUPABASE_ANON_KEY and
 // SUPABASE_SERVICE_ROLE_KEY from the environment.
 //
-// Checks: a postgres_changes INSERT subscription on `jobs` receives a row inserted through
-// the same client's PostgREST API; a conditional update that matches no row returns an
-// empty result; an anon client cannot update a job.
+// Checks, in order: a postgres_changes INSERT subscription on `jobs` receives a row
+// inserted through the same client's PostgREST API. A conditional update that matches no
+// row returns an empty result. An anon client cannot update a job.
 
 'use strict';
 

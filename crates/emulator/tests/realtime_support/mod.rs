@@ -97,7 +97,7 @@ fn start_cluster() -> Cluster {
     );
     let port = free_port();
     let log = std::fs::File::create(directory.join("postgres.log")).expect("create log file");
-    let child = pg_command("postgres")
+    pg_command("postgres")
         .arg("-D")
         .arg(&data)
         .args(["-p", &port.to_string(), "-k"])
@@ -114,7 +114,7 @@ fn start_cluster() -> Cluster {
         .stderr(log)
         .spawn()
         .expect("start postgres");
-    spawn_watchdog(child.id(), &directory);
+    spawn_watchdog(&directory);
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             let ready = Command::new("pg_isready")
@@ -136,14 +136,17 @@ fn start_cluster() -> Cluster {
 }
 
 /// Stops the cluster and removes its directory once this test process has exited, because
-/// statics are never dropped.
+/// statics are never dropped. The postmaster's pid comes from `postmaster.pid`, since the
+/// spawned process may be the `runuser` wrapper, which does not forward signals.
 #[allow(clippy::zombie_processes)]
-fn spawn_watchdog(postgres_pid: u32, directory: &Path) {
+fn spawn_watchdog(directory: &Path) {
     let script = format!(
-        "while kill -0 {test} 2>/dev/null; do sleep 1; done; kill -INT {pg}; \
-         while kill -0 {pg} 2>/dev/null; do sleep 1; done; rm -rf '{dir}'",
+        "while [ -e /proc/{test} ] && ! grep -q '^State:.*Z' /proc/{test}/status 2>/dev/null; \
+         do sleep 1; done; \
+         pid=$(head -n 1 '{dir}/data/postmaster.pid' 2>/dev/null); \
+         [ -n \"$pid\" ] && kill -INT \"$pid\"; \
+         while [ -e '{dir}/data/postmaster.pid' ]; do sleep 1; done; rm -rf '{dir}'",
         test = std::process::id(),
-        pg = postgres_pid,
         dir = directory.display()
     );
     Command::new("sh")
@@ -325,7 +328,7 @@ pub struct TestSocket {
     next_ref: u64,
 }
 
-/// The join payload realtime-js sends for one postgres_changes binding list.
+/// Builds the join payload realtime-js sends for one postgres_changes binding list.
 pub fn join_payload(postgres_changes: Value) -> Value {
     json!({
         "config": {
@@ -473,7 +476,7 @@ impl TestSocket {
     }
 }
 
-/// The standard one-binding join: INSERTs on public.jobs.
+/// Builds the standard one-binding join: INSERTs on public.jobs.
 pub fn jobs_inserts() -> Value {
     join_payload(json!([{"event": "INSERT", "schema": "public", "table": "jobs"}]))
 }

@@ -95,39 +95,49 @@ fn start_cluster() -> Cluster {
         "initdb failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let port = free_port();
-    let log = std::fs::File::create(directory.join("postgres.log")).expect("create log file");
-    pg_command("postgres")
-        .arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-k"])
-        .arg(&directory)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start postgres");
-    spawn_watchdog(&directory);
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+    // Another test process may take the free port before postgres binds it. Readiness is
+    // checked on this cluster's own unix socket, so a foreign server on the port is never
+    // mistaken for ours; if ours exits, it is started again on a new port.
+    for _attempt in 0..5 {
+        let port = free_port();
+        let log = std::fs::File::create(directory.join("postgres.log")).expect("create log file");
+        let mut child = pg_command("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&directory)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        for _ in 0..200 {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
             let ready = Command::new("pg_isready")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .arg("-h")
+                .arg(&directory)
+                .args(["-p", &port.to_string()])
                 .stdout(Stdio::null())
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ready {
+                spawn_watchdog(&directory);
                 return Cluster { port };
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let _ = child.kill();
+        let _ = child.wait();
     }
     panic!(
         "postgres did not start; see {}",

@@ -252,7 +252,13 @@ impl Dispatcher {
             TaskResult::Swept(Err(error)) => {
                 state.sweep_in_flight = false;
                 self.stats.sweep_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %error, error_class = error.class(), "sweep failed, the next sweep is on the timer");
+                if error.is_retryable() {
+                    tracing::warn!(error = %error, error_class = error.class(), "sweep failed, the next sweep is on the timer");
+                } else {
+                    // A rejected key or a missing column does not heal by retrying; the
+                    // message names the fix, and the timer keeps trying at its slow pace.
+                    tracing::error!(error = %error, error_class = error.class(), "sweep failed and retrying cannot help until the configuration or schema is fixed");
+                }
             }
             TaskResult::Job { id, action, end } => {
                 state.running.remove(&id);

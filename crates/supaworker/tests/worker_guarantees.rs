@@ -309,3 +309,34 @@ async fn lost_responses_never_run_twice() {
         assert_eq!(worker.stop().await, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_skips_drain() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts, "w1");
+    // Without the second signal the worker would wait ten minutes for the job.
+    env.insert("SUPAWORKER_DRAIN_PERIOD".into(), "10m".into());
+    let worker = WorkerProcess::spawn(&env);
+    worker.wait_event("Realtime subscription live").await;
+    let id = stack.insert("slow_forever", json!({})).await;
+    stack.wait_status(id, &["running"]).await;
+    wait_file(&scripts, &format!("child-pid-{id}")).await;
+    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}"));
+
+    worker.signal(Signal::SIGTERM);
+    worker.wait_event("shutdown started, no new jobs are claimed; running jobs may finish within the drain period").await;
+    worker.signal(Signal::SIGINT);
+    assert_eq!(worker.wait().await, 0);
+    let state = stack.job(id).await;
+    assert_eq!(state.status, "failed", "{state:?}");
+    assert!(
+        state.error.contains("interrupted by shutdown"),
+        "{}",
+        state.error
+    );
+    assert!(
+        !process_alive(sleep_pid),
+        "the job's process outlived the worker"
+    );
+}

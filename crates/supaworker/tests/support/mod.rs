@@ -203,6 +203,15 @@ impl WorkerProcess {
         nix::sys::signal::kill(pid, signal).expect("signal the worker");
     }
 
+    /// Waits for the worker to exit and returns its exit status.
+    pub async fn wait(mut self) -> i32 {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("worker exits")
+            .unwrap();
+        status.code().unwrap_or(-1)
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> i32 {
         if self.child.id().is_some() {

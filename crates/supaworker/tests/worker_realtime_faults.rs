@@ -202,6 +202,16 @@ async fn inject(
                 stack.emulator.refuse_connections(Duration::from_secs(4)),
                 during
             );
+            let refused = worker
+                .events("Realtime connection failed; reconnecting after backoff")
+                .into_iter()
+                .filter(|line| {
+                    line["error"]
+                        .as_str()
+                        .is_some_and(|error| error.starts_with("websocket connect failed"))
+                })
+                .count();
+            assert!(refused > 0, "no refused connect; log:\n{}", worker.dump());
             ids
         }
         Fault::HeartbeatsUnanswered => {
@@ -417,4 +427,204 @@ async fn survives_transient_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_rate_limit() {
     survives(Fault::RateLimited).await;
+}
+
+/// Hang guard for the tests whose sweep timer is 60 s: a job that finishes within it was
+/// found by a sweep that something other than the timer started.
+const BEFORE_TIMER_SWEEP: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_message_starts_sweep() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts);
+    env.insert("SUPAWORKER_SWEEP_INTERVAL".into(), "60s".into());
+    let worker = WorkerProcess::spawn(&env);
+    worker.wait_event("Realtime subscription live").await;
+    let realtime = stack.emulator.realtime();
+
+    // A repeated readiness message on a live channel: the events of the window are lost.
+    let readiness = worker.readiness_count();
+    realtime.cdc_restart(Duration::from_secs(2));
+    let lost = stack.insert_many("record", JOBS_PER_PHASE).await;
+    worker.wait_readiness_after(readiness).await;
+    worker
+        .wait_event("Realtime subscription re-created; changes may have been missed")
+        .await;
+    stack.wait_finished(&lost, BEFORE_TIMER_SWEEP).await;
+    for id in &lost {
+        assert_eq!(worker.claims_of(*id), ["sweep"], "job {id}");
+    }
+
+    // The first readiness message on a new socket after an abrupt drop.
+    let readiness = worker.readiness_count();
+    realtime.drop_all_sockets(None);
+    let gap = stack.insert_many("record", JOBS_PER_PHASE).await;
+    worker.wait_readiness_after(readiness).await;
+    stack.wait_finished(&gap, BEFORE_TIMER_SWEEP).await;
+
+    let all = [lost, gap].concat();
+    assert_eq!(stack.not_successful(&all).await, []);
+    assert_each_ran_once(&scripts.runs(), &all);
+    // Jobs inserted before a readiness message are the gap it reports, not a miss.
+    assert_eq!(logged_prefix(&worker, MISSED_WARNING), Vec::<Value>::new());
+    assert_eq!(worker.stop().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unable_to_subscribe_falls_back_to_sweep() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let realtime = stack.emulator.realtime();
+    realtime.set_not_in_publication(true);
+    let worker = WorkerProcess::spawn(&env(&stack, &scripts));
+    let base = worker.health_url().await;
+    let message = "Realtime cannot subscribe to the jobs table";
+    let error = logged_prefix_wait(&worker, message).await;
+    assert_eq!(error["level"], "ERROR", "{error}");
+    assert_eq!(
+        error["fix"], "alter publication supabase_realtime add table public.jobs;",
+        "{error}"
+    );
+    let wait_ms = error["wait_ms"].as_u64().expect("wait_ms field");
+    assert!(wait_ms >= 30_000, "retry after {wait_ms} ms is not slow");
+
+    let during = stack.insert_many("record", 2 * JOBS_PER_PHASE).await;
+    stack.wait_finished(&during, RECOVERY_GUARD).await;
+    for id in &during {
+        assert_eq!(worker.claims_of(*id), ["sweep"], "job {id}");
+    }
+    assert_eq!(logged_prefix(&worker, message).len(), 1, "retried too soon");
+    assert_eq!(
+        scrape_metric(&base, "supaworker_realtime_subscribe_errors_total").await,
+        1.0
+    );
+
+    // After the fix, a new connection subscribes at once.
+    realtime.set_not_in_publication(false);
+    realtime.drop_all_sockets(None);
+    worker.wait_event("Realtime subscription live").await;
+    let after = wait_realtime_delivery(&stack, &worker).await;
+
+    let all = [during, after].concat();
+    assert_eq!(stack.not_successful(&all).await, []);
+    assert_each_ran_once(&scripts.runs(), &all);
+    assert_eq!(logged_prefix(&worker, MISSED_WARNING), Vec::<Value>::new());
+    assert_eq!(worker.stop().await, 0);
+}
+
+/// Waits for a log line whose message starts with `prefix` and returns the first.
+async fn logged_prefix_wait(worker: &WorkerProcess, prefix: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(line) = logged_prefix(worker, prefix).into_iter().next() {
+            return line;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker never logged {prefix:?}; log:\n{}",
+            worker.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_record_still_runs_job() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts);
+    // Only Realtime can start the job within the test, so the claim follows the cut event.
+    env.insert("SUPAWORKER_SWEEP_INTERVAL".into(), "60s".into());
+    env.insert("RUST_LOG".into(), "info,supaworker::realtime=debug".into());
+    let worker = WorkerProcess::spawn(&env);
+    worker.wait_event("Realtime subscription live").await;
+
+    // Realtime's limit is 1 MiB for the whole change; the event then keeps only the columns
+    // whose text is at most 64 bytes, so `payload` is left out.
+    let padding = "x".repeat(1024 * 1024 + 1);
+    let id = stack
+        .insert(
+            "tagged",
+            json!({"tag": "from-the-claimed-row", "padding": padding}),
+        )
+        .await;
+    stack.wait_finished(&[id], BEFORE_TIMER_SWEEP).await;
+
+    worker
+        .wait_event("change event record truncated by the server; the claim reads the full row")
+        .await;
+    assert_eq!(stack.not_successful(&[id]).await, []);
+    assert_eq!(worker.claims_of(id), ["realtime"]);
+    let args = std::fs::read_to_string(scripts.path().join(format!("args-{id}"))).unwrap();
+    assert_eq!(args.trim(), "--tag=from-the-claimed-row");
+    assert_each_ran_once(&scripts.runs(), &[id]);
+    assert_eq!(worker.stop().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_not_counted_as_missed() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let backlog = stack.insert_many("record", 8).await;
+    // Older than the 2 s grace by the time the worker claims them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut env = env(&stack, &scripts);
+    env.insert("SUPAWORKER_CONCURRENCY".into(), "1".into());
+    let worker = WorkerProcess::spawn(&env);
+    let base = worker.health_url().await;
+    worker.wait_event("Realtime subscription live").await;
+    stack.wait_finished(&backlog, RECOVERY_GUARD).await;
+
+    assert_eq!(stack.not_successful(&backlog).await, []);
+    assert_each_ran_once(&scripts.runs(), &backlog);
+    assert_eq!(
+        scrape_metric(&base, "supaworker_jobs_missed_by_realtime_total").await,
+        0.0
+    );
+    assert_eq!(logged_prefix(&worker, MISSED_WARNING), Vec::<Value>::new());
+    assert_eq!(worker.stop().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hint_burst_keeps_socket_reading() {
+    const BURST: usize = 2000;
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts);
+    env.insert("SUPAWORKER_CONCURRENCY".into(), "1".into());
+    env.insert("SUPAWORKER_HEARTBEAT_INTERVAL".into(), "1s".into());
+    let worker = WorkerProcess::spawn(&env);
+    let base = worker.health_url().await;
+    worker.wait_event("Realtime subscription live").await;
+
+    // The only slot stays busy while the burst arrives, so every hint waits on job handling.
+    let hold = stack.insert("hold", json!({})).await;
+    stack.wait_status(hold, &["running"]).await;
+    let burst = stack.insert_many("record", BURST).await;
+    let announced = wait_hints(&base, BURST as f64 + 1.0).await;
+    scripts.write("release", "", false);
+    stack.wait_finished(&burst, Duration::from_secs(600)).await;
+
+    let all = [vec![hold], burst].concat();
+    assert_eq!(stack.not_successful(&all).await, []);
+    assert_each_ran_once(&scripts.runs(), &all);
+    // One connection and one join throughout: the reader kept answering heartbeats.
+    assert_eq!(
+        scrape_metric(&base, "supaworker_realtime_reconnects_total").await,
+        0.0
+    );
+    assert_eq!(
+        scrape_metric(&base, "supaworker_realtime_heartbeat_timeouts_total").await,
+        0.0
+    );
+    let dropped = scrape_metric(&base, "supaworker_realtime_hints_dropped_total").await;
+    println!("burst of {BURST}: {announced} hints received, {dropped} of them dropped");
+    assert_eq!(worker.stop().await, 0);
+}
+
+/// Waits until the worker has received `total` hints (dropped ones included), and returns
+/// the count.
+async fn wait_hints(base: &str, total: f64) -> f64 {
+    wait_metric(base, "supaworker_realtime_hints_received_total", total).await
 }

@@ -54,11 +54,7 @@ fn setup(stack: &Stack) -> (Scripts, HashMap<String, String>) {
     let scripts = Scripts::new();
     scripts.write("args.sh", ARGS_SCRIPT, true);
     scripts.write("actions.toml", ACTIONS, false);
-    let mut env = stack.worker_env("w1", &scripts.path());
-    env.insert(
-        "SUPAWORKER_ACTIONS_FILE".into(),
-        scripts.path().join("actions.toml").display().to_string(),
-    );
+    let mut env = stack.worker_env_with_actions("w1", &scripts);
     env.insert("SUPAWORKER_LOG_MAX_BYTES".into(), "65536".into());
     env.insert("TWILIO_ACCOUNT_SID".into(), TWILIO_SID.into());
     env.insert("TWILIO_AUTH_TOKEN".into(), TWILIO_TOKEN.into());

@@ -44,12 +44,7 @@ fn scripts() -> Scripts {
 }
 
 fn env(stack: &Stack, scripts: &Scripts, instance: &str) -> HashMap<String, String> {
-    let mut env = stack.worker_env(instance, &scripts.path());
-    env.insert(
-        "SUPAWORKER_ACTIONS_FILE".into(),
-        scripts.path().join("actions.toml").display().to_string(),
-    );
-    env
+    stack.worker_env_with_actions(instance, scripts)
 }
 
 fn process_alive(pid: i32) -> bool {

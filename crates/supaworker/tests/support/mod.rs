@@ -122,6 +122,22 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Environment for a worker on this stack that uses the `actions.toml` in `scripts`.
+    pub fn worker_env_with_actions(
+        &self,
+        instance: &str,
+        scripts: &Scripts,
+    ) -> HashMap<String, String> {
+        let mut env = self.worker_env(instance, &scripts.path());
+        env.insert(
+            "SUPAWORKER_ACTIONS_FILE".into(),
+            scripts.path().join("actions.toml").display().to_string(),
+        );
+        env
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct JobState {
     pub status: String,

@@ -44,7 +44,7 @@ const SWEEP_INTERVAL: &str = "2s";
 
 /// Hang guard for the jobs inserted during a fault. The expected bound is the reconnect
 /// time (the backoff cap of 10 s plus 20 % jitter) plus one sweep interval (2 s plus 10 %
-/// jitter), about 14 s; the guard is three times that for a loaded machine.
+/// jitter), about 14 s. The guard is three times that, for a loaded machine.
 const RECOVERY_GUARD: Duration = Duration::from_secs(45);
 
 /// Jobs inserted in each phase of a scenario.
@@ -74,7 +74,7 @@ fn env(stack: &Stack, scripts: &Scripts) -> HashMap<String, String> {
     env
 }
 
-/// Whether any log line starts with `prefix` in its message.
+/// Returns the log lines whose message starts with `prefix`.
 fn logged_prefix(worker: &WorkerProcess, prefix: &str) -> Vec<Value> {
     worker
         .lines
@@ -157,7 +157,7 @@ enum Fault {
 }
 
 impl Fault {
-    /// Whether events are lost while the channel stays live, with no readiness message to
+    /// Returns whether events are lost while the channel stays live, with no readiness message to
     /// mark the gap.
     fn loses_silently(self) -> bool {
         matches!(self, Fault::DeliveryStalled | Fault::RateLimited)
@@ -540,8 +540,8 @@ async fn oversize_record_still_runs_job() {
     let worker = WorkerProcess::spawn(&env);
     worker.wait_event("Realtime subscription live").await;
 
-    // Realtime's limit is 1 MiB for the whole change; the event then keeps only the columns
-    // whose text is at most 64 bytes, so `payload` is left out.
+    // Realtime's limit is 1 MiB for the whole change. Above it, the event keeps only the
+    // columns whose text is at most 64 bytes, so `payload` is left out.
     let padding = "x".repeat(1024 * 1024 + 1);
     let id = stack
         .insert(
@@ -609,7 +609,8 @@ async fn hint_burst_keeps_socket_reading() {
     let all = [vec![hold], burst].concat();
     assert_eq!(stack.not_successful(&all).await, []);
     assert_each_ran_once(&scripts.runs(), &all);
-    // One connection and one join throughout: the reader kept answering heartbeats.
+    // No reconnect and no heartbeat time-out: the reader kept reading heartbeat replies
+    // while the burst waited for the slot.
     assert_eq!(
         scrape_metric(&base, "supaworker_realtime_reconnects_total").await,
         0.0

@@ -55,20 +55,18 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
-fn read_pid(scripts: &Scripts, name: &str) -> i32 {
-    std::fs::read_to_string(scripts.path().join(name))
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-async fn wait_file(scripts: &Scripts, name: &str) {
+/// Waits until the script has written a pid to `name`. The shell creates the file before it
+/// writes the number, so an empty file means "not yet".
+async fn read_pid(scripts: &Scripts, name: &str) -> i32 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !scripts.path().join(name).exists() {
+    loop {
+        let text = std::fs::read_to_string(scripts.path().join(name)).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse() {
+            return pid;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{name} never appeared"
+            "{name} never held a pid"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -93,7 +91,7 @@ async fn crash_rescued_at_restart() {
     worker.wait_event("Realtime subscription live").await;
     let id = stack.insert("slow_forever", json!({})).await;
     stack.wait_status(id, &["running"]).await;
-    wait_file(&scripts, &format!("child-pid-{id}")).await;
+    read_pid(&scripts, &format!("child-pid-{id}")).await;
 
     worker.signal(Signal::SIGKILL);
     let mut child = worker.child;
@@ -167,17 +165,11 @@ async fn sigterm_interrupts_long_job() {
     let safe_job = stack.insert("slow_safe", json!({})).await;
     stack.wait_status(unsafe_job, &["running"]).await;
     stack.wait_status(safe_job, &["running"]).await;
-    wait_file(&scripts, &format!("child-pid-{unsafe_job}")).await;
-    wait_file(&scripts, &format!("child-pid-{safe_job}")).await;
-    let pids: Vec<i32> = [unsafe_job, safe_job]
-        .iter()
-        .flat_map(|id| {
-            [
-                read_pid(&scripts, &format!("pid-{id}")),
-                read_pid(&scripts, &format!("child-pid-{id}")),
-            ]
-        })
-        .collect();
+    let mut pids = Vec::new();
+    for id in [unsafe_job, safe_job] {
+        pids.push(read_pid(&scripts, &format!("pid-{id}")).await);
+        pids.push(read_pid(&scripts, &format!("child-pid-{id}")).await);
+    }
 
     assert_eq!(worker.stop().await, 0);
     let state = stack.job(unsafe_job).await;
@@ -208,9 +200,8 @@ async fn operator_cancel_stops_process() {
     worker.wait_event("Realtime subscription live").await;
     let id = stack.insert("slow_forever", json!({})).await;
     stack.wait_status(id, &["running"]).await;
-    wait_file(&scripts, &format!("child-pid-{id}")).await;
-    let script_pid = read_pid(&scripts, &format!("pid-{id}"));
-    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}"));
+    let script_pid = read_pid(&scripts, &format!("pid-{id}")).await;
+    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}")).await;
 
     stack
         .db
@@ -316,8 +307,7 @@ async fn second_signal_skips_drain() {
     worker.wait_event("Realtime subscription live").await;
     let id = stack.insert("slow_forever", json!({})).await;
     stack.wait_status(id, &["running"]).await;
-    wait_file(&scripts, &format!("child-pid-{id}")).await;
-    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}"));
+    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}")).await;
 
     worker.signal(Signal::SIGTERM);
     worker.wait_event("shutdown started, no new jobs are claimed; running jobs may finish within the drain period").await;

@@ -43,7 +43,7 @@ pub enum TableError {
     Empty { source_name: String },
 }
 
-/// Why a job's payload was rejected. The message names the field, the offending value
+/// The reason a job's payload was rejected. The message names the field, the offending value
 /// (shortened) and the rule, so it can be stored in the job's `error` as it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {

@@ -37,7 +37,7 @@ pub struct ConfigError {
     pub problems: Vec<ConfigProblem>,
 }
 
-/// How the worker authenticates to Supabase.
+/// The key the worker authenticates to Supabase with.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ApiKey {
     /// A legacy `service_role` JWT: sent as `apikey` and as `Authorization: Bearer`.

@@ -44,7 +44,7 @@ pub struct DispatchStats {
     pub last_sweep_ok_unix_ms: AtomicU64,
 }
 
-/// What ended the dispatcher's loop and what it left behind.
+/// The dispatcher's result when its loop ends.
 #[derive(Debug, Default)]
 pub struct DispatchReport {
     pub unrecorded_jobs: u64,

@@ -20,7 +20,7 @@ const ERROR_STDERR_TAIL_BYTES: usize = 4 * 1024;
 /// Variables copied from the worker's environment into every child, when set.
 const BASE_ENVIRONMENT: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
 
-/// What shared state a job needs.
+/// Shared state that every job uses.
 pub struct JobContext {
     pub rest: Rest,
     pub config: Arc<Config>,
@@ -39,7 +39,7 @@ pub struct JobStats {
     pub unrecorded: AtomicU64,
 }
 
-/// How an attempt ended, from the worker's side.
+/// The end of an attempt, as the worker sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobEnd {
     Succeeded,

@@ -23,7 +23,7 @@ pub struct RescueStats {
     pub requeued: AtomicU64,
 }
 
-/// Which running jobs a pass takes.
+/// The running jobs a rescue pass takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     /// Jobs this instance id claimed in an earlier life (the process restarted).

@@ -232,3 +232,30 @@ async fn two_workers_run_each_job_once() {
     assert_eq!(one.stop().await, 0);
     assert_eq!(two.stop().await, 0);
 }
+
+#[tokio::test]
+async fn bad_config_exits_64() {
+    let scripts = Scripts::new();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_supaworker"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SUPAWORKER_CONCURRENCY", "lots")
+        .env("SUPABASE_SERVICE_ROLE_KEY", "sb_publishable_abc")
+        .current_dir(scripts.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SUPABASE_URL: missing"), "{stderr}");
+    assert!(
+        stderr.contains("SUPAWORKER_CONCURRENCY: \"lots\" is invalid"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("publishable key"), "{stderr}");
+    assert!(
+        !stderr.contains("sb_publishable_abc"),
+        "the key was echoed: {stderr}"
+    );
+}

@@ -270,7 +270,7 @@ pub fn default_worker_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A field of /proc/PID/status in KiB, such as `VmRSS` or `VmHWM`.
+/// Reads a field of /proc/PID/status in KiB, such as `VmRSS` or `VmHWM`.
 pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -280,8 +280,15 @@ pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("{field} missing in /proc/{pid}/status"))
 }
 
-/// User plus system CPU time of a process (utime + stime of /proc/PID/stat), in seconds.
+/// Reads the user plus system CPU time of a process (utime + stime of /proc/PID/stat), in
+/// seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_times(pid)?.0)
+}
+
+/// Reads the CPU time of a process in seconds from /proc/PID/stat: its own (utime + stime)
+/// and that of its waited-for children (cutime + cstime).
+pub fn cpu_times(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name in brackets may contain spaces, so fields are counted after ')'.
     let rest = stat
@@ -289,10 +296,51 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?
         .1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, i.e. 12 and 13 after the state field.
-    let utime: f64 = fields[11].parse()?;
-    let stime: f64 = fields[12].parse()?;
-    Ok((utime + stime) / clock_ticks_per_second())
+    // Fields 14 to 17 of stat (utime, stime, cutime, cstime) are 11 to 14 after ')'.
+    let tick = |index: usize| -> anyhow::Result<f64> {
+        Ok(fields[index].parse::<f64>()? / clock_ticks_per_second())
+    };
+    Ok((tick(11)? + tick(12)?, tick(13)? + tick(14)?))
+}
+
+/// Sums the CPU seconds used so far by the PostgreSQL cluster listening on `port`: the postmaster
+/// with its waited-for children, plus its live children (the backends). The emulator
+/// starts the postmaster with `-c port=PORT`, which is how it is found.
+pub fn postgres_cpu_seconds(port: u16) -> anyhow::Result<f64> {
+    let needle = format!("port={port} ");
+    let mut postmaster = None;
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("postgres") && cmdline.contains(&needle) {
+            postmaster = Some(pid);
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let parent = status
+                .lines()
+                .find_map(|line| line.strip_prefix("PPid:"))
+                .and_then(|value| value.trim().parse::<u32>().ok());
+            if let Some(parent) = parent {
+                parents.push((pid, parent));
+            }
+        }
+    }
+    let postmaster =
+        postmaster.ok_or_else(|| anyhow!("no postmaster with port={port} in /proc"))?;
+    let (own, reaped) = cpu_times(postmaster)?;
+    let mut total = own + reaped;
+    for (pid, parent) in parents {
+        if parent == postmaster {
+            total += cpu_times(pid).map(|(own, _)| own).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
 }
 
 fn clock_ticks_per_second() -> f64 {

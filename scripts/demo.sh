@@ -11,30 +11,47 @@ cd "$repo"
 work="$(mktemp -d)"
 emulator_pid=""
 worker_pid=""
+drain_pid=""
 
 cleanup() {
   [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null && wait "$worker_pid" 2>/dev/null || true
   [[ -n "$emulator_pid" ]] && kill -TERM "$emulator_pid" 2>/dev/null && wait "$emulator_pid" 2>/dev/null || true
+  [[ -n "$drain_pid" ]] && kill "$drain_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 echo "==> building supaworker and supabase-emulator"
 cargo build --quiet --bins
-bin="$repo/target/debug"
+# Honour CARGO_TARGET_DIR and build.target-dir settings.
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+bin="$target_dir/debug"
 
 echo "==> starting the local Supabase stack"
 mkfifo "$work/emulator.out"
 "$bin/supabase-emulator" --port 0 >"$work/emulator.out" 2>"$work/emulator.log" &
 emulator_pid=$!
-while IFS= read -r line; do
-  [[ "$line" == "ready" ]] && break
+exec 3<"$work/emulator.out"
+ready=""
+while IFS= read -r line <&3; do
+  if [[ "$line" == "ready" ]]; then
+    ready=yes
+    break
+  fi
   case "$line" in
     *=*) export "${line?}" ;;
   esac
-done <"$work/emulator.out"
+done
+if [[ -z "$ready" ]]; then
+  echo "supabase-emulator did not start; its log:" >&2
+  cat "$work/emulator.log" >&2
+  exit 1
+fi
 # Keep draining the emulator's stdout so it never blocks on a full pipe.
-cat "$work/emulator.out" >/dev/null &
+cat <&3 >/dev/null &
+drain_pid=$!
+exec 3<&-
 echo "    SUPABASE_URL=$SUPABASE_URL"
 
 export SUPAWORKER_SCRIPTS_DIR="$repo/examples/lead-pipeline"

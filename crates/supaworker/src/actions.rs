@@ -28,6 +28,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A problem in an action table file; the message names the action and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
+    #[error("action table {source_name} cannot be read: {message}")]
+    Unreadable {
+        source_name: String,
+        message: String,
+    },
     #[error("action table {source_name} is not valid TOML: {message}")]
     Syntax {
         source_name: String,
@@ -184,9 +189,9 @@ impl ActionTable {
     /// Reads and parses a table file.
     pub fn load(path: &Path) -> Result<ActionTable, TableError> {
         let source_name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| TableError::Syntax {
+        let text = std::fs::read_to_string(path).map_err(|e| TableError::Unreadable {
             source_name: source_name.clone(),
-            message: format!("cannot read the file: {e}"),
+            message: e.to_string(),
         })?;
         ActionTable::parse(&text, &source_name)
     }

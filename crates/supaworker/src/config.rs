@@ -14,6 +14,9 @@ use crate::actions::{ActionTable, TableError};
 /// Exit status for a configuration error (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
+/// Upper bound of every duration setting; longer values are configuration mistakes.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The Twilio variables a real send needs.
 pub const TWILIO_VARIABLES: [&str; 3] = ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM"];
 
@@ -287,6 +290,9 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, Co
             Ok(table) => Some(table),
             Err(error) => {
                 let fix = match error {
+                    TableError::Unreadable { .. } => {
+                        "point the variable at an existing file, or unset it to use the built-in table"
+                    }
                     TableError::Syntax { .. } => {
                         "fix the file or unset the variable to use the built-in table"
                     }
@@ -441,11 +447,17 @@ fn read_duration(
         text.trim()
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .ok_or(error)
     });
     match parsed {
+        Ok(value) if value > MAX_DURATION => {
+            problem(
+                variable,
+                format!("{text:?} is too long; use at most 7 days"),
+            );
+            default
+        }
         Ok(value) if value >= min => value,
         Ok(_) => {
             problem(
@@ -576,6 +588,7 @@ mod tests {
             ("SUPABASE_URL", "abcd.supabase.co"),
             ("SUPABASE_SECRET_KEY", "sb_secret_x"),
             ("SUPAWORKER_SWEEP_INTERVAL", "often"),
+            ("SUPAWORKER_KILL_GRACE", "1e20"),
             ("SUPAWORKER_LOG_FORMAT", "xml"),
             ("SUPAWORKER_SCRIPTS_DIR", "/nonexistent/dir"),
         ])
@@ -586,6 +599,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("SUPAWORKER_SWEEP_INTERVAL"), "{text}");
+        assert!(
+            text.contains("SUPAWORKER_KILL_GRACE: \"1e20\" is not a duration"),
+            "{text}"
+        );
         assert!(text.contains("auto, json or text"), "{text}");
         assert!(text.contains("/nonexistent/dir"), "{text}");
     }

@@ -72,6 +72,8 @@ pub struct Dispatcher {
     pub stop_claiming: CancellationToken,
     /// Cancelled when running jobs must be stopped (drain over or second signal).
     pub interrupt: CancellationToken,
+    /// Cancelled when stopped jobs are abandoned: abort their tasks and return.
+    pub force: CancellationToken,
 }
 
 struct State {
@@ -145,6 +147,14 @@ impl Dispatcher {
                     state.sweep_wanted = true;
                     sweep_timer.as_mut().reset(tokio::time::Instant::now() + jittered(config.sweep_interval));
                 }
+                _ = self.force.cancelled(), if !claiming && !tasks.is_empty() => {
+                    let abandoned = state.running.len() as u64;
+                    tracing::error!(jobs = abandoned, "abandoning jobs whose final status was not written; the rescuer finishes their rows");
+                    // Dropping a job's task drops its runner, which kills the process group.
+                    tasks.abort_all();
+                    report.unrecorded_jobs += abandoned;
+                    break;
+                }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     match done {
                         Ok(result) => self.finish_task(&mut state, result, &mut report),
@@ -211,6 +221,7 @@ impl Dispatcher {
                 full,
                 via_realtime,
                 missed,
+                self.stop_claiming.clone(),
                 self.interrupt.clone(),
             ));
         }
@@ -332,8 +343,17 @@ async fn claim_and_run(
     exclude_actions: Vec<String>,
     via_realtime: bool,
     missed_by_realtime: bool,
+    stop_claiming: CancellationToken,
     interrupt: CancellationToken,
 ) -> TaskResult {
+    // A claim task queued just before the shutdown signal must not take new work.
+    if stop_claiming.is_cancelled() {
+        return TaskResult::Job {
+            id,
+            action,
+            end: None,
+        };
+    }
     let attempt = Attempt::now();
     let header = job::log_header(&ctx.config.instance_id, attempt);
     let claim = ctx
@@ -360,6 +380,19 @@ async fn claim_and_run(
             };
         }
     };
+    if interrupt.is_cancelled() {
+        // Jobs are being stopped: hand this one back untouched instead of starting it only
+        // to kill it.
+        let log = format!("{header}[supaworker] claimed during shutdown and put back to pending without running\n");
+        if let Err(error) = ctx.rest.requeue(&id, attempt, &log).await {
+            tracing::error!(job_id = %id, error = %error, "job claimed during shutdown could not be put back; the rescuer finishes it");
+        }
+        return TaskResult::Job {
+            id,
+            action,
+            end: None,
+        };
+    }
     stats.claims_won.fetch_add(1, Ordering::Relaxed);
     ctx.stats.claimed.fetch_add(1, Ordering::Relaxed);
     let via = if via_realtime {
@@ -392,10 +425,12 @@ async fn claim_and_run(
     let actions = &ctx.config.actions;
     let pickup = pickup.and_then(|pickup| Duration::try_from(pickup).ok());
     crate::metrics::job_claimed(actions, &row.action, pickup);
-    let action = row.action.clone();
+    // The slot was taken under the sweep's action, so it is released under that name even if
+    // someone edited the row's action in between.
+    let row_action = row.action.clone();
     let started = Instant::now();
     let end = job::run(ctx.clone(), row, attempt, interrupt).await;
-    crate::metrics::job_finished(&ctx.config.actions, &action, end, started.elapsed());
+    crate::metrics::job_finished(&ctx.config.actions, &row_action, end, started.elapsed());
     TaskResult::Job {
         id,
         action,

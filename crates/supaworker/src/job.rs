@@ -17,6 +17,20 @@ use crate::runner::{self, Exit, LiveLog, OutputLimits, Redactor, RunSpec};
 /// Bytes of stderr quoted after a failure's first line in `error`.
 const ERROR_STDERR_TAIL_BYTES: usize = 4 * 1024;
 
+/// A pending fenced write or fence check of a running job.
+type FenceCheck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fence, RestError>> + Send>>;
+
+/// Aborts the runner task when the job's task is dropped (an abandoned shutdown), so the
+/// runner kills the process group instead of outliving the job.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Variables copied from the worker's environment into every child, when set.
 const BASE_ENVIRONMENT: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
 
@@ -102,13 +116,13 @@ pub async fn run(
         stderr_tail_bytes: ERROR_STDERR_TAIL_BYTES,
     };
     let stop = CancellationToken::new();
-    let mut child = tokio::spawn(runner::run(
+    let mut child = AbortOnDrop(tokio::spawn(runner::run(
         spec,
         limits,
         ctx.redactor.clone(),
         live.clone(),
         stop.clone(),
-    ));
+    )));
 
     let mut flush_timer = tokio::time::interval(ctx.config.log_flush_interval);
     flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,22 +130,30 @@ pub async fn run(
     let mut flushed_version = 0;
     let mut lost = false;
     let mut interrupted = false;
+    // A flush runs beside the child, so a slow or retried write never delays the reaction
+    // to an interrupt or to the child's exit.
+    let mut flush: Option<FenceCheck> = None;
     let outcome = loop {
         tokio::select! {
-            outcome = &mut child => break outcome,
+            outcome = &mut child.0 => break outcome,
             _ = interrupt.cancelled(), if !interrupted => {
                 interrupted = true;
                 tracing::warn!(job_id = %id, action = %action.name, attempt = %attempt, "stopping job, interrupted by shutdown");
                 stop.cancel();
             }
-            _ = flush_timer.tick(), if !lost => {
-                let fence = if live.version() != flushed_version {
+            _ = flush_timer.tick(), if !lost && flush.is_none() => {
+                let rest = ctx.rest.clone();
+                let job_id = id.clone();
+                flush = Some(if live.version() != flushed_version {
                     flushed_version = live.version();
                     let log = format!("{header}{}", live.snapshot());
-                    ctx.rest.flush_log(&id, attempt, &log).await
+                    Box::pin(async move { rest.flush_log(&job_id, attempt, &log).await })
                 } else {
-                    check_still_ours(&ctx.rest, &id, attempt).await
-                };
+                    Box::pin(async move { check_still_ours(&rest, &job_id, attempt).await })
+                });
+            }
+            fence = async { flush.as_mut().expect("guarded by is_some").await }, if flush.is_some() => {
+                flush = None;
                 match fence {
                     Ok(Fence::Held) => {}
                     Ok(Fence::Lost) => {
@@ -140,7 +162,7 @@ pub async fn run(
                         stop.cancel();
                     }
                     Err(error) => {
-                        tracing::warn!(job_id = %id, error = %error, "log flush failed, will retry at the next interval");
+                        tracing::warn!(job_id = %id, error = %error, error_class = error.class(), "log flush failed, will retry at the next interval");
                     }
                 }
             }
@@ -323,8 +345,9 @@ pub fn prepare(
             missing.join(", ")
         ));
     }
+    let payload = row.payload().map_err(|e| format!("{e}. Nothing was run"))?;
     let invocation = action
-        .invocation(&row.payload)
+        .invocation(&payload)
         .map_err(|e| format!("{e}. Nothing was run"))?;
 
     let scripts_dir = &config.scripts_dir;

@@ -67,7 +67,11 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => {
                 let shutdown = Shutdown::new();
-                let signals = tokio::spawn(shutdown.clone().watch_signals(config.drain_period));
+                let signals = tokio::spawn(
+                    shutdown
+                        .clone()
+                        .watch_signals(config.drain_period, config.kill_grace),
+                );
                 let status = worker::run(config, shutdown, WorkerStats::default()).await;
                 signals.abort();
                 status

@@ -99,13 +99,18 @@ pub const JOBS_COLUMNS: [&str; 9] = [
     "error",
 ];
 
+/// The columns the worker reads for a job. The payload comes as text (`payload::text`) so a
+/// payload that serde_json cannot hold (a number beyond f64, nesting deeper than 128) fails
+/// only that job, when it is parsed, instead of the whole response.
+const ROW_SELECT: &str = "id,action,payload_text:payload::text,status,created_at,started_at";
+
 /// A row of `jobs` as the worker reads it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct JobRow {
     pub id: Value,
     pub action: String,
     #[serde(default)]
-    pub payload: Value,
+    pub payload_text: Option<String>,
     pub status: String,
     pub created_at: Option<String>,
     pub started_at: Option<String>,
@@ -116,6 +121,16 @@ pub struct JobRow {
 impl JobRow {
     pub fn job_id(&self) -> Option<JobId> {
         JobId::from_json(&self.id)
+    }
+
+    /// Parses the payload; a missing payload is JSON null.
+    pub fn payload(&self) -> Result<Value, String> {
+        match &self.payload_text {
+            None => Ok(Value::Null),
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                format!("the payload cannot be read by the worker ({e}); fix the payload and put the job back to pending")
+            }),
+        }
     }
 }
 
@@ -151,6 +166,8 @@ pub enum RestError {
     #[error("transient failure ({}): {message}", status_text(*.status))]
     Transient {
         status: Option<u16>,
+        /// PostgREST's error code; `None` for gateway, edge and connection failures.
+        postgrest_code: Option<String>,
         message: String,
         retry_after: Option<Duration>,
     },
@@ -410,17 +427,22 @@ impl Rest {
 
     /// Reads one job, or `None` when it no longer exists.
     pub async fn get_job(&self, id: &JobId) -> Result<Option<JobRow>, RestError> {
+        self.read_job(id, Persistence::Brief).await
+    }
+
+    async fn read_job(
+        &self,
+        id: &JobId,
+        persistence: Persistence,
+    ) -> Result<Option<JobRow>, RestError> {
         let url = self.url(
             "jobs",
             &[
-                (
-                    "select",
-                    "id,action,payload,status,created_at,started_at".to_string(),
-                ),
+                ("select", ROW_SELECT.to_string()),
                 ("id", format!("eq.{id}")),
             ],
         );
-        self.retrying("get_job", Persistence::Brief, || async {
+        self.retrying("get_job", persistence, || async {
             let reply = self.send(Method::GET, url.clone(), None, None).await?;
             let mut rows: Vec<JobRow> = parse_json(&reply)?;
             Ok(rows.pop())
@@ -448,10 +470,7 @@ impl Rest {
         if !exclude_actions.is_empty() {
             query.push(("action", format!("not.in.({})", in_list(exclude_actions))));
         }
-        query.push((
-            "select",
-            "id,action,payload,status,created_at,started_at".to_string(),
-        ));
+        query.push(("select", ROW_SELECT.to_string()));
         let url = self.url("jobs", &query);
         let body = json!({
             "status": "running",
@@ -471,41 +490,63 @@ impl Rest {
                 )
                 .await;
             let error = match outcome {
-                Ok(reply) => {
-                    let mut rows: Vec<JobRow> = parse_json(&reply)?;
-                    return Ok(match rows.pop() {
-                        Some(row) => Claim::Won(row),
-                        None => Claim::Lost,
-                    });
-                }
+                Ok(reply) => match parse_json::<Vec<JobRow>>(&reply) {
+                    Ok(mut rows) => {
+                        return Ok(match rows.pop() {
+                            Some(row) => Claim::Won(row),
+                            None => Claim::Lost,
+                        })
+                    }
+                    // The claim may have committed: decide from the row, as for a lost
+                    // response.
+                    Err(error) => RestError::Ambiguous {
+                        message: error.to_string(),
+                    },
+                },
                 Err(error) => error,
             };
-            match &error {
-                // Not sent, or rolled back by the server: nothing changed.
-                RestError::Transient { .. } if resends < 3 => {
-                    resends += 1;
-                    let wait = error
-                        .retry_after()
-                        .unwrap_or(Duration::from_millis(200 * resends))
-                        .min(Duration::from_secs(30));
-                    tracing::warn!(job_id = %id, error = %error, error_class = error.class(), wait_ms = wait.as_millis() as u64, "claim failed, retrying");
-                    tokio::time::sleep(wait).await;
+            let ambiguous = match &error {
+                RestError::Ambiguous { .. } => true,
+                // A gateway or edge answer (no PostgREST code) may come after Postgres
+                // committed the update, so it is treated like a lost response.
+                RestError::Transient {
+                    status: Some(status),
+                    postgrest_code: None,
+                    ..
+                } => matches!(status, 502 | 504 | 520 | 522 | 524 | 544),
+                _ => false,
+            };
+            if resends >= 3 || !(ambiguous || error.is_retryable()) {
+                return Err(error);
+            }
+            resends += 1;
+            if !ambiguous {
+                // Not sent, or rolled back by PostgREST: nothing changed.
+                let wait = error
+                    .retry_after()
+                    .unwrap_or(Duration::from_millis(200 * resends))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(job_id = %id, error = %error, error_class = error.class(), wait_ms = wait.as_millis() as u64, "claim failed, retrying");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            tracing::warn!(job_id = %id, attempt = %attempt, error = %error, error_class = error.class(), "claim outcome unknown, reading the job back");
+            // The read-back is retried for minutes: giving up here could leave a committed
+            // claim that nobody runs.
+            let row = self
+                .read_job(id, Persistence::Persistent)
+                .await
+                .inspect_err(|read_error| {
+                    tracing::error!(job_id = %id, attempt = %attempt, error = %read_error, "claim outcome still unknown; the rescuer finishes the job if the claim landed");
+                })?;
+            match row {
+                Some(row)
+                    if row.status == "running" && attempt.matches(row.started_at.as_deref()) =>
+                {
+                    return Ok(Claim::Won(row));
                 }
-                RestError::Ambiguous { .. } if resends < 3 => {
-                    resends += 1;
-                    tracing::warn!(job_id = %id, attempt = %attempt, error = %error, error_class = error.class(), "claim outcome unknown, reading the job back");
-                    match self.get_job(id).await? {
-                        Some(row)
-                            if row.status == "running"
-                                && attempt.matches(row.started_at.as_deref()) =>
-                        {
-                            return Ok(Claim::Won(row));
-                        }
-                        Some(row) if row.status == "pending" => continue,
-                        _ => return Ok(Claim::Lost),
-                    }
-                }
-                _ => return Err(error),
+                Some(row) if row.status == "pending" => continue,
+                _ => return Ok(Claim::Lost),
             }
         }
     }
@@ -601,7 +642,7 @@ impl Rest {
             &[
                 (
                     "select",
-                    "id,action,payload,status,created_at,started_at,log".to_string(),
+                    "id,action,status,created_at,started_at,log".to_string(),
                 ),
                 ("status", "eq.running".to_string()),
                 ("order", "started_at.asc,id.asc".to_string()),
@@ -654,13 +695,7 @@ impl Rest {
 
     /// Inserts a pending job and returns the new row.
     pub async fn insert_job(&self, action: &str, payload: &Value) -> Result<JobRow, RestError> {
-        let url = self.url(
-            "jobs",
-            &[(
-                "select",
-                "id,action,payload,status,created_at,started_at".to_string(),
-            )],
-        );
+        let url = self.url("jobs", &[("select", ROW_SELECT.to_string())]);
         let body = json!({"action": action, "payload": payload, "status": "pending"});
         // NOTE: an insert is not idempotent, so it is sent once and never retried.
         let reply = self
@@ -733,6 +768,7 @@ fn transport_error(error: reqwest::Error) -> RestError {
     if error.is_connect() {
         RestError::Transient {
             status: None,
+            postgrest_code: None,
             message,
             retry_after: None,
         }
@@ -805,10 +841,11 @@ fn classify(reply: &Reply) -> RestError {
         401 | 403 => RestError::Auth { status, message },
         408 | 429 | 500..=599 => RestError::Transient {
             status: Some(status),
-            message: match code {
+            message: match &code {
                 Some(code) => format!("{code}: {message}"),
                 None => message,
             },
+            postgrest_code: code,
             retry_after,
         },
         _ => RestError::Rejected {

@@ -17,13 +17,20 @@ pub const EXIT_FATAL: i32 = 1;
 /// (the rescuer finishes those rows later).
 pub const EXIT_UNRECORDED: i32 = 3;
 
-/// The two stages of a shutdown.
+/// Time the worker gives stopped jobs to write their final status after the kill grace,
+/// before it gives up on them and exits.
+pub const FINAL_WRITE_BUDGET: Duration = Duration::from_secs(10);
+
+/// The stages of a shutdown.
 #[derive(Clone)]
 pub struct Shutdown {
     /// Cancelled at the first signal: stop subscribing and claiming.
     pub stop_claiming: CancellationToken,
     /// Cancelled when the drain ends or at a second signal: stop running jobs.
     pub interrupt: CancellationToken,
+    /// Cancelled when stopped jobs did not record their status within the kill grace plus
+    /// [`FINAL_WRITE_BUDGET`], or at a third signal: abandon them and exit.
+    pub force: CancellationToken,
 }
 
 impl Shutdown {
@@ -31,12 +38,17 @@ impl Shutdown {
         Shutdown {
             stop_claiming: CancellationToken::new(),
             interrupt: CancellationToken::new(),
+            force: CancellationToken::new(),
         }
     }
 
-    /// Listens for SIGTERM and SIGINT and drives both stages. Returns when the interrupt
-    /// stage has begun.
-    pub async fn watch_signals(self, drain_period: Duration) -> std::io::Result<()> {
+    /// Listens for SIGTERM and SIGINT and drives the stages. Returns when the force stage has
+    /// begun.
+    pub async fn watch_signals(
+        self,
+        drain_period: Duration,
+        kill_grace: Duration,
+    ) -> std::io::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let first = tokio::select! {
@@ -57,6 +69,16 @@ impl Shutdown {
             _ = self.interrupt.cancelled() => {}
         }
         self.interrupt.cancel();
+        // Final writes retry for minutes when Supabase is unreachable; fly.io kills the
+        // machine at kill_timeout anyway, so the worker bounds the wait itself.
+        let budget = kill_grace + FINAL_WRITE_BUDGET;
+        tokio::select! {
+            _ = term.recv() => tracing::warn!(signal = "SIGTERM", "third signal, abandoning the final writes"),
+            _ = int.recv() => tracing::warn!(signal = "SIGINT", "third signal, abandoning the final writes"),
+            _ = tokio::time::sleep(budget) => tracing::warn!(budget_ms = budget.as_millis() as u64, "stopped jobs did not record their status in time, abandoning them"),
+            _ = self.force.cancelled() => {}
+        }
+        self.force.cancel();
         Ok(())
     }
 }

@@ -134,6 +134,7 @@ pub async fn run(config: Config, shutdown: Shutdown, stats: WorkerStats) -> i32 
         realtime: stats.realtime.clone(),
         stop_claiming: shutdown.stop_claiming.clone(),
         interrupt: shutdown.interrupt.clone(),
+        force: shutdown.force.clone(),
     };
     let report = dispatcher.run().await;
 

@@ -325,3 +325,71 @@ async fn second_signal_skips_drain() {
         "the job's process outlived the worker"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_payload_fails_only_its_job() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts, "w1");
+    // The Realtime frame carrying such a payload cannot be decoded either, so the sweep
+    // finds this job.
+    env.insert("SUPAWORKER_SWEEP_INTERVAL".into(), "1s".into());
+    let worker = WorkerProcess::spawn(&env);
+    worker.wait_event("Realtime subscription live").await;
+
+    // Valid jsonb that serde_json cannot hold: a number beyond f64.
+    let id: i64 = stack
+        .db
+        .query_one(
+            "insert into jobs (action, payload) values ('record', '{\"x\": 1e400}') returning id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let state = stack.wait_status(id, &["success", "failed"]).await;
+    assert_eq!(state.status, "failed", "{state:?}");
+    assert!(
+        state.error.contains("payload cannot be read"),
+        "{}",
+        state.error
+    );
+    assert!(scripts.runs().is_empty(), "the script ran");
+
+    let next = stack.insert("record", json!({})).await;
+    let state = stack.wait_status(next, &["success", "failed"]).await;
+    assert_eq!(state.status, "success", "{state:?}");
+    assert_eq!(worker.stop().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_bounded_when_supabase_unreachable() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let mut env = env(&stack, &scripts, "w1");
+    env.insert("SUPAWORKER_DRAIN_PERIOD".into(), "500ms".into());
+    env.insert("SUPAWORKER_REQUEST_TIMEOUT".into(), "1s".into());
+    let worker = WorkerProcess::spawn(&env);
+    worker.wait_event("Realtime subscription live").await;
+    let id = stack.insert("slow_forever", json!({})).await;
+    stack.wait_status(id, &["running"]).await;
+    let sleep_pid = read_pid(&scripts, &format!("child-pid-{id}")).await;
+
+    // Supabase stays unreachable far longer than the worker may wait for its final writes
+    // (drain 0.5 s + kill grace 1 s + 10 s budget).
+    let outage = stack.emulator.restart(Duration::from_secs(120));
+    let shutdown = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        worker.signal(Signal::SIGTERM);
+        worker.wait().await
+    };
+    let status = tokio::select! {
+        status = shutdown => status,
+        _ = outage => panic!("the outage ended before the worker exited"),
+    };
+    assert_eq!(status, 3, "exit status says a final status was not written");
+    assert!(
+        !process_alive(sleep_pid),
+        "the job's process outlived the worker"
+    );
+}

@@ -411,10 +411,10 @@ fn check_action(config: &Config, action: &Action, path_env: &str) -> Finding {
         return Finding::problem(
             subject,
             format!(
-                "jobs fail before running because {} is not set",
+                "jobs fail before running because these variables are not set: {}",
                 missing.join(", ")
             ),
-            "set it on the worker (fly secrets set NAME=value)",
+            "set them in the worker's environment or .env (on fly.io: fly secrets set NAME=value)",
         );
     }
     Finding::ok(subject, detail)

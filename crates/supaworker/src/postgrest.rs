@@ -516,7 +516,7 @@ impl Rest {
                 } => matches!(status, 502 | 504 | 520 | 522 | 524 | 544),
                 _ => false,
             };
-            if resends >= 3 || !(ambiguous || error.is_retryable()) {
+            if !ambiguous && (resends >= 3 || !error.is_retryable()) {
                 return Err(error);
             }
             resends += 1;
@@ -545,7 +545,10 @@ impl Rest {
                 {
                     return Ok(Claim::Won(row));
                 }
-                Some(row) if row.status == "pending" => continue,
+                // NOTE: a PATCH still in flight could land after this read; that claim would
+                // then stay `running` unrun until the overdue rescue takes it.
+                Some(row) if row.status == "pending" && resends <= 3 => continue,
+                Some(row) if row.status == "pending" => return Err(error),
                 _ => return Ok(Claim::Lost),
             }
         }

@@ -84,6 +84,9 @@ struct State {
     hinted: HashSet<JobId>,
     hinted_order: VecDeque<JobId>,
     sweep_in_flight: bool,
+    /// The sweep in flight, aborted at shutdown so a sweep retrying against an unreachable
+    /// server does not hold the shutdown up.
+    sweep_task: Option<tokio::task::AbortHandle>,
     sweep_wanted: bool,
     last_page_full: bool,
     /// `RealtimeStats::hints_dropped` when the last readiness message arrived.
@@ -104,6 +107,7 @@ impl Dispatcher {
             hinted: HashSet::new(),
             hinted_order: VecDeque::new(),
             sweep_in_flight: false,
+            sweep_task: None,
             sweep_wanted: true,
             last_page_full: false,
             hints_dropped_at_ready: 0,
@@ -125,6 +129,9 @@ impl Dispatcher {
                     tracing::info!(running = state.running.len(), "dispatcher stopped claiming");
                     state.candidates.clear();
                     state.candidate_ids.clear();
+                    if let Some(sweep) = state.sweep_task.take() {
+                        sweep.abort();
+                    }
                 }
                 hint = self.hints.recv(), if hints_open && claiming => match hint {
                     Some(Hint::Job { id, .. }) => {
@@ -158,6 +165,7 @@ impl Dispatcher {
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     match done {
                         Ok(result) => self.finish_task(&mut state, result, &mut report),
+                        Err(error) if error.is_cancelled() => {}
                         Err(error) => tracing::error!(error = %error, "dispatcher task failed"),
                     }
                 }
@@ -236,7 +244,9 @@ impl Dispatcher {
             let limit = self.ctx.config.sweep_page_size;
             let exclude = self.full_actions(state);
             self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
-            tasks.spawn(async move { TaskResult::Swept(rest.list_pending(limit, &exclude).await) });
+            let sweep = tasks
+                .spawn(async move { TaskResult::Swept(rest.list_pending(limit, &exclude).await) });
+            state.sweep_task = Some(sweep);
         }
     }
 

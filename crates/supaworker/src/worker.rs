@@ -141,7 +141,8 @@ pub async fn run(config: Config, shutdown: Shutdown, stats: WorkerStats) -> i32 
     if let Some(task) = realtime_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let _ = rescuer.await;
+    // A rescue pass retrying against an unreachable server must not hold the exit up.
+    let _ = tokio::time::timeout(Duration::from_secs(5), rescuer).await;
     if report.unrecorded_jobs > 0 {
         tracing::error!(
             jobs = report.unrecorded_jobs,

@@ -401,12 +401,7 @@ fn check_action(config: &Config, action: &Action, path_env: &str) -> Finding {
         }
         detail.push_str(&format!(", script {}", path.display()));
     }
-    let missing: Vec<&str> = action
-        .require_env
-        .iter()
-        .map(String::as_str)
-        .filter(|name| worker_env(config, name).is_none())
-        .collect();
+    let missing = crate::job::missing_required_env(config, action);
     if !missing.is_empty() {
         return Finding::problem(
             subject,
@@ -435,15 +430,6 @@ fn program_fix(action: &Action, scripts_dir: &Path) -> String {
     } else {
         format!("install {} or add its folder to PATH", action.program)
     }
-}
-
-fn worker_env(config: &Config, name: &str) -> Option<String> {
-    config
-        .twilio
-        .get(name)
-        .cloned()
-        .or_else(|| std::env::var(name).ok())
-        .filter(|value| !value.is_empty())
 }
 
 #[cfg(test)]

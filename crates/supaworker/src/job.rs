@@ -331,12 +331,7 @@ pub fn prepare(
             known.join(", ")
         ));
     };
-    let missing: Vec<&str> = action
-        .require_env
-        .iter()
-        .map(String::as_str)
-        .filter(|name| lookup_worker_env(config, name).is_none())
-        .collect();
+    let missing = missing_required_env(config, action);
     if !missing.is_empty() {
         return Err(format!(
             "action {} needs {} set on the worker; missing: {}. Nothing was run",
@@ -395,7 +390,18 @@ pub fn program_path(program: &Path, scripts_dir: &Path) -> PathBuf {
     program.to_path_buf()
 }
 
-fn lookup_worker_env(config: &Config, name: &str) -> Option<String> {
+/// The variables in the action's `require_env` that the worker does not have.
+pub fn missing_required_env<'a>(config: &Config, action: &'a Action) -> Vec<&'a str> {
+    action
+        .require_env
+        .iter()
+        .map(String::as_str)
+        .filter(|name| lookup_worker_env(config, name).is_none())
+        .collect()
+}
+
+/// A variable from the worker's settings or environment; empty values count as unset.
+pub fn lookup_worker_env(config: &Config, name: &str) -> Option<String> {
     config
         .twilio
         .get(name)

@@ -1,6 +1,6 @@
 //! The dispatcher: turns wake-ups into claims. Realtime hints, readiness messages, the sweep
-//! timer and freed slots all lead to a sweep of pending rows (the table is the truth; an
-//! event is only a hint), and the oldest pending jobs are claimed while slots are free.
+//! timer and freed slots all lead to a sweep of pending rows, because the table is the truth
+//! and an event is only a hint. The oldest pending jobs are claimed while slots are free.
 //!
 //! Slots are bounded globally (`SUPAWORKER_CONCURRENCY`) and per action (`concurrency` in
 //! the action table). Claims and job runs happen in their own tasks so the loop never waits
@@ -276,7 +276,7 @@ impl Dispatcher {
                 if error.is_retryable() {
                     tracing::warn!(error = %error, error_class = error.class(), "sweep failed, the next sweep is on the timer");
                 } else {
-                    // A rejected key or a missing column does not heal by retrying; the
+                    // A rejected key or a missing column does not heal by retrying. The
                     // message names the fix, and the timer keeps trying at its slow pace.
                     tracing::error!(error = %error, error_class = error.class(), "sweep failed and retrying cannot help until the configuration or schema is fixed");
                 }
@@ -337,7 +337,7 @@ fn missed_by_realtime(realtime: &RealtimeStats, state: &State, job: &PendingJob)
     created_ms > ready_ms && overdue
 }
 
-/// The sweep interval with up to 10% jitter, so instances do not sweep in step.
+/// Adds up to 10% jitter to the sweep interval, so instances do not sweep in step.
 fn jittered(interval: Duration) -> Duration {
     let spread = interval.as_secs_f64() * 0.1;
     let offset = rand::rng().random_range(-spread..=spread);

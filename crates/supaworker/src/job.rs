@@ -53,7 +53,7 @@ pub struct JobStats {
     pub unrecorded: AtomicU64,
 }
 
-/// The end of an attempt, as the worker sees it.
+/// The end of an attempt, from the worker's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobEnd {
     Succeeded,
@@ -66,7 +66,7 @@ pub enum JobEnd {
     Unrecorded,
 }
 
-/// The first line of the log, naming the instance and the attempt. The rescuer reads the
+/// Formats the first line of the log, naming the instance and the attempt. The rescuer reads the
 /// instance back from it.
 pub fn log_header(instance_id: &str, attempt: Attempt) -> String {
     format!("[supaworker] claimed by instance={instance_id} attempt={attempt}\n")
@@ -390,7 +390,7 @@ pub fn program_path(program: &Path, scripts_dir: &Path) -> PathBuf {
     program.to_path_buf()
 }
 
-/// The variables in the action's `require_env` that the worker does not have.
+/// Lists the variables in the action's `require_env` that the worker does not have.
 pub fn missing_required_env<'a>(config: &Config, action: &'a Action) -> Vec<&'a str> {
     action
         .require_env
@@ -400,7 +400,7 @@ pub fn missing_required_env<'a>(config: &Config, action: &'a Action) -> Vec<&'a 
         .collect()
 }
 
-/// A variable from the worker's settings or environment; empty values count as unset.
+/// Reads a variable from the worker's settings or environment. Empty values count as unset.
 pub fn lookup_worker_env(config: &Config, name: &str) -> Option<String> {
     config
         .twilio
@@ -410,7 +410,7 @@ pub fn lookup_worker_env(config: &Config, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// The child's complete environment: a minimal base, the job's facts, and only the
+/// Builds the child's complete environment: a minimal base, the job's facts, and only the
 /// variables its action lists. The Supabase key is never passed unless an action lists it.
 fn child_environment(
     config: &Config,
@@ -444,7 +444,7 @@ fn child_environment(
     env
 }
 
-/// How long a job may stay `running` before the rescuer treats its worker as gone.
+/// Returns how long a job may stay `running` before the rescuer treats its worker as gone.
 pub fn rescue_deadline(table: &ActionTable, action: &str, grace: Duration) -> Duration {
     let timeout = table
         .get(action)

@@ -45,14 +45,14 @@ impl std::fmt::Display for JobId {
 pub struct Attempt(pub OffsetDateTime);
 
 impl Attempt {
-    /// A token from this machine's clock, truncated to microseconds (Postgres' precision).
+    /// Takes a token from this machine's clock, truncated to microseconds (Postgres' precision).
     pub fn now() -> Attempt {
         let now = OffsetDateTime::now_utc();
         let micros = now.microsecond();
         Attempt(now.replace_microsecond(micros).unwrap_or(now))
     }
 
-    /// The token as written and filtered on: `2026-12-04T15:00:00.123456Z`.
+    /// Formats the token as it is written and filtered on: `2026-12-04T15:00:00.123456Z`.
     pub fn to_filter(&self) -> String {
         let t = self.0;
         format!(
@@ -67,7 +67,7 @@ impl Attempt {
         )
     }
 
-    /// Whether a `started_at` read back from the table is this token.
+    /// Tells whether a `started_at` read back from the table is this token.
     pub fn matches(&self, started_at: Option<&str>) -> bool {
         started_at
             .and_then(parse_timestamp)
@@ -199,7 +199,7 @@ fn status_text(status: Option<u16>) -> String {
 }
 
 impl RestError {
-    /// Whether repeating an idempotent request may help.
+    /// Tells whether repeating an idempotent request may help.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -207,7 +207,7 @@ impl RestError {
         )
     }
 
-    /// A short label for metrics and logs.
+    /// Returns a short label for metrics and logs.
     pub fn class(&self) -> &'static str {
         match self {
             RestError::Transient { .. } => "transient",
@@ -507,7 +507,7 @@ impl Rest {
             };
             let ambiguous = match &error {
                 RestError::Ambiguous { .. } => true,
-                // A gateway or edge answer (no PostgREST code) may come after Postgres
+                // A gateway or edge response (no PostgREST code) may come after Postgres
                 // committed the update, so it is treated like a lost response.
                 RestError::Transient {
                     status: Some(status),
@@ -532,7 +532,7 @@ impl Rest {
             }
             tracing::warn!(job_id = %id, attempt = %attempt, error = %error, error_class = error.class(), "claim outcome unknown, reading the job back");
             // The read-back is retried for minutes: giving up here could leave a committed
-            // claim that nobody runs.
+            // claim that no worker runs.
             let row = self
                 .read_job(id, Persistence::Persistent)
                 .await

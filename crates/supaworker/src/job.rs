@@ -359,13 +359,9 @@ pub fn prepare(
     }
     let program = program_path(&invocation.program, scripts_dir);
     let env = child_environment(config, action, id, attempt, scripts_dir);
-    let path_env = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    runner::resolve_program(&program, scripts_dir, &path_env).map_err(|e| e.to_string())?;
 
+    // The runner resolves the program (PATH, interpreter, executable bit) right before it
+    // spawns, and reports a missing one as the job's error without running anything.
     let spec = RunSpec {
         program,
         args: invocation.args,

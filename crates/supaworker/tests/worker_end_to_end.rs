@@ -33,6 +33,9 @@ required = true
 program = "python"
 script = "scripts/not_there.py"
 
+[actions.missing_program]
+program = "./not_there.sh"
+
 [actions.fails]
 program = "/bin/sh"
 args = ["-c", "echo working; echo 'disk quota exceeded' >&2; exit 7"]
@@ -156,7 +159,7 @@ async fn unknown_action_lists_known_ones() {
     assert!(
         state
             .error
-            .contains("known actions: fails, missing_script, record, typed"),
+            .contains("known actions: fails, missing_program, missing_script, record, typed"),
         "{}",
         state.error
     );
@@ -206,6 +209,21 @@ async fn missing_script_fails_clearly() {
         "{}",
         state.error
     );
+    assert_eq!(worker.stop().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_program_fails_clearly() {
+    let stack = Stack::start().await;
+    let scripts = scripts();
+    let worker = WorkerProcess::spawn(&env(&stack, &scripts, "w1"));
+    worker.wait_event("Realtime subscription live").await;
+
+    let id = stack.insert("missing_program", json!({})).await;
+    let state = stack.wait_status(id, &["success", "failed"]).await;
+    assert_eq!(state.status, "failed");
+    assert!(state.error.contains("not_there.sh"), "{}", state.error);
+    assert!(state.error.contains("not found"), "{}", state.error);
     assert_eq!(worker.stop().await, 0);
 }
 

@@ -234,7 +234,7 @@ impl ActionTable {
         self.actions.values()
     }
 
-    /// The longest time-out of any action: the rescuer's bound for jobs of unknown actions.
+    /// Returns the maximum time-out of all actions: the rescuer's bound for jobs of unknown actions.
     pub fn max_timeout(&self) -> Duration {
         self.actions
             .values()
@@ -513,7 +513,7 @@ fn check_value(field: &str, spec: &FieldSpec, value: &Value) -> Result<Value, Pa
     }
 }
 
-/// A plain file name inside the scripts directory: no separators, no `..`, no leading `-`
+/// Checks for a plain file name inside the scripts directory: no separators, no `..`, no leading `-`
 /// (it would read as an option), no control characters.
 fn check_file_name(name: &str) -> Result<(), String> {
     let rule = "must be a plain file name inside the scripts directory \

@@ -60,7 +60,7 @@ impl ApiKey {
         matches!(self, ApiKey::LegacyServiceRole(_))
     }
 
-    /// The first six characters, the most a log line may show of a key.
+    /// Returns the first six characters, the maximum a log line may show of a key.
     pub fn redacted(&self) -> String {
         let prefix: String = self.expose().chars().take(6).collect();
         format!("{prefix}…")

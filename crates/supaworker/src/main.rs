@@ -32,7 +32,7 @@ enum Command {
         payload: String,
     },
     /// Check the configuration, the key, the jobs table, Realtime and every action's
-    /// program and script; print one line per check and exit 1 on any problem.
+    /// program and script. Prints one line per check and exits 1 on any problem.
     Check {
         /// How long to wait for Realtime's readiness message, e.g. 20s.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]

@@ -1,5 +1,5 @@
 //! The PostgREST client: the only code that builds REST requests. Callers see jobs-table
-//! operations (list, claim, flush, finish, rescue) and a typed error that says whether a
+//! operations (list, claim, flush, finish, rescue) and a typed error that tells whether a
 //! retry can help.
 //!
 //! Every write after a claim is fenced: it filters on `status=eq.running` and the attempt's
@@ -277,9 +277,9 @@ struct Reply {
 }
 
 impl Rest {
-    /// Builds a client for `<supabase_url>/rest/v1/`. Every request has `request_timeout`;
-    /// pooled connections idle for 4 s are dropped, below the 5 s after which the local
-    /// emulator closes them and well below Supabase's gateway.
+    /// Builds a client for `<supabase_url>/rest/v1/`. Every request has `request_timeout`.
+    /// Pooled connections idle for 4 s are dropped, because the local emulator closes them
+    /// after 5 s and a reused closed connection fails the request.
     pub fn new(supabase_url: &url::Url, key: ApiKey, request_timeout: Duration) -> Rest {
         let client = reqwest::Client::builder()
             .user_agent(concat!("supaworker/", env!("CARGO_PKG_VERSION")))

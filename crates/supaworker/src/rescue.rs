@@ -1,5 +1,5 @@
 //! The rescuer: finishes jobs left `running` by a worker that is gone. At start-up it takes
-//! the jobs this instance id left behind in an earlier life; periodically it takes jobs of
+//! the jobs this instance id left behind in an earlier life. Periodically it takes jobs of
 //! any instance that have been running longer than their action's time-out plus a grace
 //! period. A rescued job becomes `failed` (the outcome is unknown), or `pending` again when
 //! its action is safe to run twice. Every rescue write is fenced on the `started_at` seen,

@@ -30,7 +30,7 @@ pub struct WorkerStats {
     pub rescue: Arc<RescueStats>,
 }
 
-/// The secrets the worker holds, redacted from everything it stores or logs.
+/// Lists the secrets the worker holds, which are redacted from everything it stores or logs.
 pub fn secrets(config: &Config) -> Vec<String> {
     let mut secrets = vec![config.api_key.expose().to_string()];
     for name in TWILIO_VARIABLES {

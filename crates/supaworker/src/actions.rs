@@ -513,8 +513,8 @@ fn check_value(field: &str, spec: &FieldSpec, value: &Value) -> Result<Value, Pa
     }
 }
 
-/// Checks for a plain file name inside the scripts directory: no separators, no `..`, no leading `-`
-/// (it would read as an option), no control characters.
+/// Checks for a plain file name inside the scripts directory: no separators, no `..`, no
+/// leading `-` (it would read as an option), no control characters.
 fn check_file_name(name: &str) -> Result<(), String> {
     let rule = "must be a plain file name inside the scripts directory \
                 (no '/', '\\', '..', leading '-' or control characters)";
